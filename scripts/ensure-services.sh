@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Makes sure the services the test suite talks to are there: PostgreSQL on 127.0.0.1:5432
+# with a `postgres` role reachable without a password from loopback. Installs and starts
+# them when absent (CI runs as root on a Debian machine). Idempotent.
+set -euo pipefail
+
+pg_ready() { command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; }
+
+if ! pg_ready; then
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    echo "ensure-services: installing PostgreSQL" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq postgresql >/dev/null
+  fi
+  ver=$(ls /etc/postgresql | sort -V | tail -n1)
+  if ! pg_lsclusters -h | grep -q .; then
+    pg_createcluster "$ver" main >/dev/null
+  fi
+  hba="/etc/postgresql/$ver/main/pg_hba.conf"
+  if ! grep -q "prvng-test" "$hba"; then
+    printf '# prvng-test: loopback trust for the test suite\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n' \
+      | cat - "$hba" > "$hba.new" && mv "$hba.new" "$hba"
+    chown postgres:postgres "$hba"
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$ver" main start || pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+  for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
+fi
+pg_ready || { echo "ensure-services: PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }

@@ -1,0 +1,1 @@
+"""Shared kernel: errors, settings, logging, state store. Imports no service."""

@@ -1,0 +1,227 @@
+"""Typed platform settings, read in one place.
+
+Precedence, low to high: built-in defaults < ``<home>/config/platform.ncl`` (checked against the
+shipped contract ``schemas/platform.ncl``) < environment ``PRVNG_<SECTION>__<KEY>`` < CLI flags.
+``PRVNG_HOME`` chooses the data dir. The settings object is built once by :func:`load_settings`
+and passed down; services never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from provisioning.core.errors import ConfigError
+from provisioning.core.nickel import evaluate_file
+
+__all__ = [
+    "LogSettings",
+    "NatsSettings",
+    "OrchestratorSettings",
+    "Settings",
+    "StateSettings",
+    "default_home",
+    "load_settings",
+]
+
+ENV_PREFIX = "PRVNG_"
+
+
+def default_home() -> Path:
+    """``$PRVNG_HOME`` or ``~/.local/share/provisioning``."""
+    return Path.home() / ".local" / "share" / "provisioning"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level written to the log."
+    )
+    format: Literal["auto", "json", "text"] = Field(
+        "auto", description="`json` lines, readable `text`, or `auto` (text on a terminal)."
+    )
+
+
+class StateSettings(_Section):
+    url: str = Field(
+        "",
+        description="Database URL: empty for SQLite under the data dir, `sqlite:///path.db` or "
+        "`postgresql://user@host:5432/db` for the distributed mode.",
+    )
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "FULL",
+        description="SQLite `synchronous` pragma: FULL survives power loss, NORMAL a process crash.",
+    )
+
+
+class NatsSettings(_Section):
+    url: str = Field("", description="NATS server URL(s); empty runs without NATS.")
+
+
+class OrchestratorSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the orchestrator API binds to.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the orchestrator API.")
+    max_parallel: int = Field(8, ge=1, description="Tasks this worker runs at once (global limit).")
+    max_tasks: int = Field(5000, ge=1, description="Most tasks one workflow may have.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body.")
+    lease_s: float = Field(30.0, gt=0, description="Lease of a running task, renewed at 1/3.")
+    worker_id: str = Field(
+        "",
+        description="Stable id of this worker; empty means `embedded` for `platform start` "
+        "and a random id for `serve orchestrator`.",
+    )
+    kill_grace_s: float = Field(10.0, gt=0, description="SIGTERM→SIGKILL grace on cancel/timeout.")
+    default_key_limit: int = Field(1, ge=1, description="Limit of a concurrency key not listed.")
+    concurrency_limits: dict[str, int] = Field(
+        default_factory=dict, description="Limits per concurrency key, e.g. provider:local = 2."
+    )
+    poll_interval_s: float = Field(
+        1.0, gt=0, description="How often the scheduler looks for work it was not told about."
+    )
+
+
+class Settings(_Section):
+    """Every setting of the platform; one section per service."""
+
+    home: Path = Field(default_factory=default_home, description="Data dir (PRVNG_HOME).")
+    log: LogSettings = Field(default_factory=LogSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    orchestrator: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config" / "platform.ncl"
+
+    @property
+    def state_url(self) -> str:
+        """The SQLAlchemy async URL of the state store."""
+        url = self.state.url or f"sqlite:///{self.home / 'state' / 'platform.db'}"
+        return to_async_url(url)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+
+def to_async_url(url: str) -> str:
+    """Map a user-facing database URL to its async SQLAlchemy driver URL."""
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+    return url
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
+        if section not in Settings.model_fields or not key:
+            continue
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "url":
+            value = raw
+        layer.setdefault(section, {})[key] = value
+    return layer
+
+
+def _describe(err: PydanticValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        src = sources.get(loc, "defaults")
+        lines.append(f"{loc} (from {src}): {e['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _flatten(prefix: str, layer: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in layer.items():
+        loc = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            out.update(_flatten(loc, value))
+        else:
+            out[loc] = ""
+    return out
+
+
+def load_settings(
+    *,
+    home: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from every layer.
+
+    ``overrides`` are the CLI flags as a nested mapping (``{"orchestrator": {"port": 9000}}``);
+    ``None`` values in it are ignored.
+
+    Raises:
+        ConfigError: a value has the wrong type or range; the message names the setting and
+            the layer it came from.
+        NickelError: ``platform.ncl`` does not evaluate or breaks its contract.
+    """
+    env = os.environ if env is None else env
+    flags = _drop_none(overrides or {})
+    home_path = Path(
+        str(home or flags.get("home") or env.get("PRVNG_HOME") or default_home())
+    ).expanduser()
+    config_file = home_path / "config" / "platform.ncl"
+    file_layer: dict[str, Any] = {}
+    if config_file.is_file():
+        value = evaluate_file(config_file, wrap='({file}) | (import "platform.ncl").Platform')
+        if not isinstance(value, dict):
+            raise ConfigError(f"{config_file} must evaluate to a record")
+        file_layer = value
+    env_layer = _env_layer(env)
+    sources: dict[str, str] = {}
+    for name, layer in (("platform.ncl", file_layer), ("environment", env_layer), ("flags", flags)):
+        sources.update({k: name for k in _flatten("", layer)})
+    merged = _merge(_merge(file_layer, env_layer), flags)
+    merged["home"] = home_path
+    try:
+        return Settings.model_validate(merged)
+    except PydanticValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None
+
+
+def _drop_none(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out

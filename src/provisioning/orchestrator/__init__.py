@@ -1,0 +1,1 @@
+"""The orchestrator: durable workflow execution (DAGs of tasks) with a REST API."""
