@@ -28,8 +28,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
-    "Conflict",
     "ConfigError",
+    "Conflict",
     "DagError",
     "Forbidden",
     "InvalidState",
@@ -169,7 +169,9 @@ def _all_subclasses(cls: type[ProvisioningError]) -> list[type[ProvisioningError
     return out
 
 
-_BY_CODE: dict[str, type[ProvisioningError]] = {c.code: c for c in _all_subclasses(ProvisioningError)}
+_BY_CODE: dict[str, type[ProvisioningError]] = {
+    c.code: c for c in _all_subclasses(ProvisioningError)
+}
 
 
 def http_status_for(code: str) -> int:
@@ -193,4 +195,6 @@ def error_from_wire(error: dict[str, Any], status: int | None = None) -> Provisi
                 cls = candidate
                 break
     details = error.get("details") or {}
-    return cls(str(error.get("message") or cls.__doc__), **(details if isinstance(details, dict) else {}))
+    return cls(
+        str(error.get("message") or cls.__doc__), **(details if isinstance(details, dict) else {})
+    )

@@ -1,0 +1,171 @@
+"""HTTP plumbing shared by every service: the JSON envelope, error mapping, body limits.
+
+Success answers are ``{"success": true, "data": ...}``; errors are
+``{"success": false, "error": {"code", "message", "details"}}`` with the status the error
+tree maps the code to. Request validation failures answer 422 naming every bad field, never 500.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from provisioning.core.errors import LimitExceeded, ProvisioningError
+from provisioning.core.logging import get_logger
+
+__all__ = [
+    "BodyLimitMiddleware",
+    "describe_errors",
+    "envelope",
+    "error_response",
+    "install_error_handlers",
+]
+
+log = get_logger("web")
+
+
+def envelope(data: Any, status: int = 200) -> JSONResponse:
+    """A success answer."""
+    return JSONResponse({"success": True, "data": jsonable_encoder(data)}, status_code=status)
+
+
+def error_response(err: ProvisioningError) -> JSONResponse:
+    """An error answer with the status mapped from the error's code."""
+    return JSONResponse(
+        {"success": False, "error": jsonable_encoder(err.to_wire())}, status_code=err.http_status
+    )
+
+
+def _loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "request"
+
+
+def describe_errors(errors: Sequence[Any], *, skip_prefix: int = 0) -> str:
+    """One line per error: ``tasks[2].timeout_s: Input should be greater than 0``.
+
+    ``skip_prefix`` drops leading location parts (FastAPI puts ``body`` first).
+    """
+    lines = []
+    for e in errors:
+        loc = list(e.get("loc", ()))[skip_prefix:]
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "json_invalid":
+            ctx = e.get("ctx") or {}
+            msg = f"malformed JSON: {ctx.get('error', msg)}"
+        lines.append(f"{_loc(loc)}: {msg}")
+    return "; ".join(lines)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error to the envelope: typed errors by code, validation to 422, the rest 500."""
+
+    @app.exception_handler(ProvisioningError)
+    async def _typed(_req: Request, exc: ProvisioningError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        fields = [
+            {
+                "field": _loc(list(e.get("loc", ()))[1:] or e.get("loc", ())),
+                "in": str((e.get("loc") or ["body"])[0]),
+                "message": str(e.get("msg")),
+            }
+            for e in errors
+        ]
+        message = "invalid request: " + "; ".join(
+            f"{f['in']} {f['field']}: {f['message']}" for f in fields
+        )
+        from provisioning.core.errors import ValidationError
+
+        return error_response(ValidationError(message[:4000], fields=fields[:50]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "usage_error", 413: "limit_exceeded"}.get(
+            exc.status_code, "usage_error" if exc.status_code < 500 else "internal"
+        )
+        return JSONResponse(
+            {"success": False, "error": {"code": code, "message": str(exc.detail), "details": {}}},
+            status_code=exc.status_code,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"path": req.url.path})
+        return error_response(ProvisioningError())
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413 before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._refuse(send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise LimitExceeded(
+                        f"request body is larger than {self.max_bytes} bytes "
+                        "(orchestrator.max_body_bytes)"
+                    )
+            return msg
+
+        await self.app(scope, limited, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps(
+            {
+                "success": False,
+                "error": {
+                    "code": "limit_exceeded",
+                    "message": f"request body is larger than {self.max_bytes} bytes",
+                    "details": {"max_bytes": self.max_bytes},
+                },
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,65 @@
+"""Wiring of the orchestrator service: store, engine, HTTP app. No logic here."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI
+
+from provisioning import __version__
+from provisioning.core.settings import Settings
+from provisioning.core.store import Database, open_database
+from provisioning.core.web import BodyLimitMiddleware, install_error_handlers
+from provisioning.orchestrator.engine import Engine
+from provisioning.orchestrator.metrics import Metrics
+from provisioning.orchestrator.routes import build_router
+from provisioning.orchestrator.store import WorkflowStore
+
+__all__ = ["OrchestratorService"]
+
+
+class OrchestratorService:
+    """The orchestrator as one unit the platform supervisor (or a test) starts and stops."""
+
+    name = "orchestrator"
+
+    def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.db: Database = open_database(
+            settings.state_url, sqlite_synchronous=settings.state.sqlite_synchronous
+        )
+        self.store = WorkflowStore(self.db)
+        self.engine = Engine(
+            self.store, settings.orchestrator, settings.logs_dir, worker_id=worker_id
+        )
+        self.metrics = Metrics(self.engine)
+        self.app = self._build_app()
+
+    @property
+    def host(self) -> str:
+        return self.settings.orchestrator.host
+
+    @property
+    def port(self) -> int:
+        return self.settings.orchestrator.port
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(
+            title="Provisioning orchestrator",
+            version=__version__,
+            description="Durable workflow execution: DAGs of tasks with retries, limits, "
+            "checkpoints and rollback. Answers use the `{success, data}` envelope.",
+        )
+        install_error_handlers(app)
+        app.include_router(build_router(self.engine, self.metrics, time.monotonic()))
+        app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.orchestrator.max_body_bytes)
+        return app
+
+    async def start(self) -> None:
+        """Migrate the store, recover, start scheduling."""
+        await self.store.migrate()
+        await self.engine.start()
+
+    async def stop(self, *, kill_running: bool = False) -> None:
+        await self.engine.stop(kill_running=kill_running)
+        await self.db.close()

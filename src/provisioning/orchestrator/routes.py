@@ -1,0 +1,198 @@
+"""The orchestrator's REST routes (DESIGN §5). Wiring lives in ``app.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Path, Query, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from provisioning import __version__
+from provisioning.core.web import envelope
+from provisioning.orchestrator.api import TaskStatus, WorkflowKind, WorkflowSpec, WorkflowStatus
+from provisioning.orchestrator.engine import Engine
+from provisioning.orchestrator.logs import follow_log, parse_position, read_lines
+from provisioning.orchestrator.metrics import Metrics
+
+__all__ = ["build_router"]
+
+Id = Annotated[str, Path(min_length=1, max_length=64, description="Object id (UUID).")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="Page size, 1–1000.")]
+Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip.")]
+
+
+def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
+    """All routes, bound to one engine."""
+    r = APIRouter()
+    store = engine.store
+
+    @r.get("/health", tags=["system"], summary="Liveness and identity of this worker")
+    async def health() -> Response:
+        return envelope(
+            {
+                "status": "ok",
+                "service": "orchestrator",
+                "version": __version__,
+                "worker": engine.worker_id,
+                "uptime_s": round(time.monotonic() - started, 3),
+                "running_tasks": engine.running_count,
+            }
+        )
+
+    @r.get("/metrics", tags=["system"], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        await metrics.refresh()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @r.post("/workflows", status_code=201, tags=["workflows"], summary="Submit a workflow (a DAG)")
+    async def submit(spec: Annotated[WorkflowSpec, Body()]) -> Response:
+        wf_id, created = await engine.submit(spec)
+        doc = await store.get_workflow(wf_id, with_tasks=True)
+        return envelope(doc, status=201 if created else 200)
+
+    @r.get("/workflows", tags=["workflows"], summary="List workflows, newest first")
+    async def list_workflows(
+        status: WorkflowStatus | None = None,
+        kind: WorkflowKind | None = None,
+        owner: Annotated[str | None, Query(max_length=200)] = None,
+        since: datetime | None = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> Response:
+        rows = await store.list_workflows(
+            status=status.value if status else None,
+            kind=kind.value if kind else None,
+            owner=owner,
+            since=since,
+            limit=limit,
+            offset=offset,
+        )
+        return envelope(rows)
+
+    @r.get("/workflows/{workflow_id}", tags=["workflows"], summary="A workflow and its tasks")
+    async def get_workflow(workflow_id: Id) -> Response:
+        return envelope(await store.get_workflow(workflow_id))
+
+    async def _act(workflow_id: str, action: str) -> Response:
+        result: Any = None
+        if action == "cancel":
+            await engine.cancel(workflow_id)
+        elif action == "pause":
+            await engine.pause(workflow_id)
+        elif action == "resume":
+            await engine.resume(workflow_id)
+        elif action == "retry":
+            result = await engine.retry(workflow_id)
+        elif action == "rollback":
+            await engine.rollback(workflow_id)
+        doc = await store.get_workflow(workflow_id, with_tasks=False)
+        if result is not None:
+            doc["rerun_tasks"] = result
+        return envelope(doc)
+
+    for action, summary in (
+        ("cancel", "Cancel: SIGTERM running tasks (SIGKILL after the grace), cancel the rest"),
+        ("pause", "Pause: start no new tasks; running ones finish"),
+        ("resume", "Resume a paused workflow"),
+        ("retry", "Retry a Failed/Cancelled workflow from the point of failure"),
+        ("rollback", "Roll back completed tasks in reverse topological order"),
+    ):
+        r.add_api_route(
+            f"/workflows/{{workflow_id}}/{action}",
+            _make_action(_act, action),
+            methods=["POST"],
+            tags=["workflows"],
+            summary=summary,
+            name=f"workflow_{action}",
+        )
+
+    @r.get("/tasks", tags=["tasks"], summary="List tasks")
+    async def list_tasks(
+        status: TaskStatus | None = None,
+        workflow_id: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> Response:
+        rows = await store.list_tasks(
+            status=status.value if status else None,
+            workflow_id=workflow_id,
+            limit=limit,
+            offset=offset,
+        )
+        return envelope(rows)
+
+    @r.get("/tasks/{task_id}", tags=["tasks"], summary="A task with its attempts")
+    async def get_task(task_id: Id) -> Response:
+        return envelope(await store.get_task(task_id))
+
+    @r.get(
+        "/tasks/{task_id}/logs",
+        tags=["tasks"],
+        summary="A task's log lines; ?follow=1 streams Server-Sent Events",
+        responses={200: {"content": {"text/event-stream": {}, "text/plain": {}}}},
+    )
+    async def task_logs(
+        request: Request,
+        task_id: Id,
+        follow: Annotated[bool, Query(description="Stream SSE until the task ends.")] = False,
+        attempt: Annotated[int | None, Query(ge=1, le=1000000)] = None,
+        q: Annotated[
+            str | None, Query(max_length=500, description="Only lines containing this.")
+        ] = None,
+        format: Annotated[str, Query(pattern="^(json|text)$")] = "json",
+        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    ) -> Response:
+        files = await store.task_log_paths(task_id)
+        if not follow:
+            lines = read_lines(files, attempt=attempt, query=q)
+            if format == "text":
+                body = "".join(
+                    f"[{ln['attempt']}:{ln['n']}] {ln['stream']}: {ln['line']}\n" for ln in lines
+                )
+                return PlainTextResponse(
+                    body,
+                    headers={"Content-Disposition": f'attachment; filename="{task_id}.log"'},
+                )
+            return envelope({"task_id": task_id, "lines": lines})
+        after = parse_position(last_event_id or request.query_params.get("after"))
+        listener = engine.log_listener(task_id)
+
+        async def wait_change(timeout: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.wait(), timeout)
+            listener.clear()
+
+        async def stream() -> Any:
+            try:
+                async for chunk in follow_log(
+                    lambda: store.task_log_paths(task_id),
+                    lambda: store.task_status(task_id),
+                    wait_change,
+                    after=after,
+                ):
+                    if await request.is_disconnected():
+                        return
+                    yield chunk
+            finally:
+                engine.drop_listener(task_id, listener)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return r
+
+
+def _make_action(act: Any, action: str) -> Any:
+    async def handler(workflow_id: Id) -> Response:
+        return await act(workflow_id, action)  # type: ignore[no-any-return]
+
+    handler.__name__ = f"workflow_{action}"
+    return handler
