@@ -59,7 +59,7 @@ class StateSettings(_Section):
     )
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         "FULL",
-        description="SQLite `synchronous` pragma: FULL survives power loss, NORMAL a process crash.",
+        description="SQLite `synchronous`: FULL survives power loss, NORMAL a process crash.",
     )
 
 

@@ -15,9 +15,11 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import OrchestratorSettings
@@ -69,6 +71,7 @@ class Engine:
         self._followers: dict[str, set[asyncio.Event]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._bg: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,7 +135,7 @@ class Engine:
         await self.store.cancel(workflow_id)
         for task_id, claim in list(self._claims.items()):
             if claim.workflow_id == workflow_id:
-                asyncio.create_task(self._runner.cancel(task_id))
+                self._background(self._runner.cancel(task_id))
         self.wake()
 
     async def pause(self, workflow_id: str) -> None:
@@ -150,6 +153,12 @@ class Engine:
     async def rollback(self, workflow_id: str) -> None:
         await self.store.rollback(workflow_id)
         self.wake()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Signalling a process group may wait out the kill grace: never block the caller.
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     def wake(self) -> None:
         """Make the scheduler look for work now."""
@@ -265,7 +274,7 @@ class Engine:
                 running = list(self._running)
                 await self.store.renew_leases(self.worker_id, running, self.settings.lease_s)
                 for task_id in await self.store.cancelling(running):
-                    asyncio.create_task(self._runner.cancel(task_id))
+                    self._background(self._runner.cancel(task_id))
                 if await self._recover(own=False):
                     self.wake()
             except asyncio.CancelledError:

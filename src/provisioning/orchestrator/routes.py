@@ -22,7 +22,7 @@ from provisioning.orchestrator.metrics import Metrics
 __all__ = ["build_router"]
 
 Id = Annotated[str, Path(min_length=1, max_length=64, description="Object id (UUID).")]
-Limit = Annotated[int, Query(ge=1, le=1000, description="Page size, 1–1000.")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="Page size, 1-1000.")]
 Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip.")]
 
 

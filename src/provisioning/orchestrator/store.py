@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
-from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -404,7 +403,7 @@ class WorkflowStore:
         per_wf: dict[str, int],
         per_key: dict[str, int],
         limits: Limits,
-    ) -> list[Row[Any]]:
+    ) -> list[Any]:
         q = (
             select(
                 tasks.c.id,
@@ -424,7 +423,7 @@ class WorkflowStore:
         )
         if self.db.dialect == "postgresql":
             q = q.with_for_update(of=tasks, skip_locked=True)
-        chosen: list[Row[Any]] = []
+        chosen: list[Any] = []
         for row in (await conn.execute(q)).all():
             if len(chosen) >= free:
                 break
@@ -443,7 +442,7 @@ class WorkflowStore:
 
     async def _pick_rollbacks(
         self, conn: AsyncConnection, per_wf: dict[str, int], free: int
-    ) -> list[Row[Any]]:
+    ) -> list[Any]:
         # Rollback is sequential per workflow, in reverse topological order, once nothing of
         # the workflow runs any more.
         wf_rows = (
@@ -453,7 +452,7 @@ class WorkflowStore:
                 )
             )
         ).all()
-        chosen: list[Row[Any]] = []
+        chosen: list[Any] = []
         for wf in wf_rows:
             if len(chosen) >= free or per_wf.get(wf.id, 0) > 0:
                 continue
@@ -473,7 +472,7 @@ class WorkflowStore:
     async def _start(
         self,
         conn: AsyncConnection,
-        rows: Sequence[Row[Any]],
+        rows: Sequence[Any],
         phase: str,
         worker: str,
         now: datetime,
@@ -568,7 +567,7 @@ class WorkflowStore:
         return claims
 
     async def _load_inputs(
-        self, conn: AsyncConnection, claims: list[Claim], full: Mapping[str, Row[Any]]
+        self, conn: AsyncConnection, claims: list[Claim], full: Mapping[str, Any]
     ) -> None:
         wanted: dict[str, set[str]] = {}
         for c in claims:
@@ -846,9 +845,7 @@ class WorkflowStore:
 
     # ------------------------------------------------------------------ recovery
 
-    async def orphaned(
-        self, worker: str, *, own: bool, exclude: Iterable[str] = ()
-    ) -> list[Row[Any]]:
+    async def orphaned(self, worker: str, *, own: bool, exclude: Iterable[str] = ()) -> list[Any]:
         """Tasks left Running/RollingBack by a dead worker: lease expired, or ours from a
         previous life when ``own`` (a restarted embedded worker knows it died)."""
         now = utcnow()
@@ -875,7 +872,7 @@ class WorkflowStore:
             rows = (await conn.execute(q)).all()
         return [r for r in rows if r.id not in excluded]
 
-    async def recover(self, rows: Sequence[Row[Any]]) -> list[str]:
+    async def recover(self, rows: Sequence[Any]) -> list[str]:
         """Fail the lost attempts of orphaned tasks; their retry policy decides what follows."""
         now = utcnow()
         touched: set[str] = set()
@@ -939,7 +936,7 @@ class WorkflowStore:
 
     # ------------------------------------------------------------------ control
 
-    async def _workflow_for_update(self, conn: AsyncConnection, wf_id: str) -> Row[Any]:
+    async def _workflow_for_update(self, conn: AsyncConnection, wf_id: str) -> Any:
         q = select(workflows).where(workflows.c.id == wf_id)
         if self.db.dialect == "postgresql":
             q = q.with_for_update()
@@ -1013,7 +1010,8 @@ class WorkflowStore:
             wf = await self._workflow_for_update(conn, wf_id)
             if wf.status not in (WS.FAILED.value, WS.CANCELLED.value):
                 raise InvalidState(
-                    f"workflow {wf_id} is {wf.status}; only a Failed or Cancelled one can be retried"
+                    f"workflow {wf_id} is {wf.status}; "
+                    "only a Failed or Cancelled one can be retried"
                 )
             rows = (
                 await conn.execute(
@@ -1141,7 +1139,7 @@ async def _attempts_of(
     return out
 
 
-def _workflow_doc(row: Row[Any], counts: Mapping[str, int]) -> dict[str, Any]:
+def _workflow_doc(row: Any, counts: Mapping[str, int]) -> dict[str, Any]:
     return {
         "id": row.id,
         "name": row.name,
@@ -1161,7 +1159,7 @@ def _workflow_doc(row: Row[Any], counts: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def _task_doc(row: Row[Any], att: list[dict[str, Any]]) -> dict[str, Any]:
+def _task_doc(row: Any, att: list[dict[str, Any]]) -> dict[str, Any]:
     spec = row.spec or {}
     return {
         "id": row.id,

@@ -56,9 +56,10 @@ class SqliteDatabase:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         async with self._lock:
-            token = _WRITE.set(True)
+            token: contextvars.Token[bool] | None = _WRITE.set(True)
             try:
                 async with self.engine.begin() as conn:
+                    assert token is not None
                     _WRITE.reset(token)
                     token = None
                     yield conn

@@ -1,0 +1,221 @@
+"""`prvng platform …`: run the whole platform on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import psutil
+import typer
+
+from provisioning import __version__
+from provisioning.cli.output import console, err_console, render
+from provisioning.cli.state import run, state_of
+from provisioning.core.errors import OperationFailed, ProvisioningError, Unreachable
+from provisioning.core.logging import configure_logging
+from provisioning.core.settings import Settings
+from provisioning.orchestrator.app import OrchestratorService
+from provisioning.orchestrator.client import OrchestratorClient
+from provisioning.platform.supervisor import PidFile, Service, run_services
+
+app = typer.Typer(
+    help="Start, stop and inspect the platform on this machine.", no_args_is_help=True
+)
+
+Host = Annotated[
+    str | None,
+    typer.Option(
+        "--host", help="Address the orchestrator binds to [env PRVNG_ORCHESTRATOR__HOST]."
+    ),
+]
+Port = Annotated[
+    int | None,
+    typer.Option("--port", help="Orchestrator port, default 8080 [env PRVNG_ORCHESTRATOR__PORT]."),
+]
+
+
+def _overrides(host: str | None, port: int | None) -> dict[str, Any]:
+    return {"orchestrator": {"host": host, "port": port}}
+
+
+@app.command()
+def start(
+    ctx: typer.Context,
+    host: Host = None,
+    port: Port = None,
+    background: Annotated[
+        bool,
+        typer.Option("--background", "-d", help="Detach, write the pid file, return when healthy."),
+    ] = False,
+) -> None:
+    """Run the platform (today: the orchestrator) in the foreground until Ctrl-C / SIGTERM.
+
+    State lives in the data dir (PRVNG_HOME, default ~/.local/share/provisioning): SQLite store,
+    task logs, pid file. Running tasks survive a restart: they are recovered on the next start.
+    """
+    st = state_of(ctx)
+    settings = st.settings(**_overrides(host, port))
+    if background:
+        _start_background(settings, host, port)
+        return
+    configure_logging(settings.log.level, settings.log.format)
+    pidfile = PidFile(settings.run_dir)
+    pidfile.claim()
+    try:
+        worker = settings.orchestrator.worker_id or "embedded"
+        services: list[Service] = [OrchestratorService(settings, worker_id=worker)]
+        run(run_services(services, on_ready=lambda s: _print_ready(settings, s)))
+    finally:
+        pidfile.release()
+    console.print("platform stopped")
+
+
+def _print_ready(settings: Settings, services: Sequence[Service]) -> None:
+    console.print(
+        f"[bold green]Provisioning platform {__version__} is running[/]  (data dir {settings.home})"
+    )
+    for svc in services:
+        console.print(f"  {svc.name:<14} http://{svc.host}:{svc.port}   (API docs: /docs)")
+    console.print("Stop with Ctrl-C or `prvng platform stop`.")
+
+
+def _start_background(settings: Settings, host: str | None, port: int | None) -> None:
+    pidfile = PidFile(settings.run_dir)
+    if (pid := pidfile.read()) is not None:
+        raise OperationFailed(
+            f"the platform already runs as pid {pid}; `prvng platform stop` stops it"
+        )
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.logs_dir / "platform.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "provisioning.cli.main",
+        "--data-dir",
+        str(settings.home),
+        "platform",
+        "start",
+    ]
+    if host:
+        argv += ["--host", host]
+    if port:
+        argv += ["--port", str(port)]
+    with log_path.open("ab") as logf:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://{_client_host(settings.orchestrator.host)}:{settings.orchestrator.port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            raise OperationFailed("the platform did not start:\n" + "\n".join(tail))
+        if pidfile.read() == proc.pid and _healthy(url):
+            console.print(f"platform started in the background (pid {proc.pid})")
+            console.print(f"  orchestrator   {url}")
+            console.print(f"  log            {log_path}")
+            return
+        time.sleep(0.1)
+    raise OperationFailed(f"the platform did not become healthy within 60 s; see {log_path}")
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _healthy(url: str) -> bool:
+    async def probe() -> bool:
+        async with OrchestratorClient(url, timeout=2) as c:
+            try:
+                await c.health()
+            except ProvisioningError:
+                return False
+            return True
+
+    return asyncio.run(probe())
+
+
+@app.command()
+def stop(
+    ctx: typer.Context,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait before SIGKILL.")] = 30.0,
+) -> None:
+    """Stop a platform started on this data dir (SIGTERM, then SIGKILL after --timeout).
+
+    Running task attempts are not killed: the next start recovers them.
+    """
+    settings = state_of(ctx).settings()
+    pidfile = PidFile(settings.run_dir)
+    pid = pidfile.read()
+    if pid is None:
+        console.print("the platform is not running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.TimeoutExpired:
+        err_console.print(f"pid {pid} did not stop within {timeout:g}s; sending SIGKILL")
+        os.kill(pid, signal.SIGKILL)
+    except psutil.NoSuchProcess:
+        pass
+    console.print(f"platform stopped (pid {pid})")
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """Show whether the platform runs, and each service's health, version, uptime and address.
+
+    Exit code 3 when it is not running or not reachable.
+    """
+    st = state_of(ctx)
+    settings = st.settings()
+    pid = PidFile(settings.run_dir).read()
+    url = st.orchestrator_url()
+
+    async def probe() -> dict[str, Any]:
+        async with OrchestratorClient(url, timeout=3) as c:
+            try:
+                h = await c.health()
+                return {
+                    "service": "orchestrator",
+                    "status": h["status"],
+                    "url": url,
+                    "pid": pid,
+                    "version": h["version"],
+                    "uptime_s": h["uptime_s"],
+                    "worker": h["worker"],
+                }
+            except ProvisioningError as exc:
+                return {
+                    "service": "orchestrator",
+                    "status": "down",
+                    "url": url,
+                    "pid": pid,
+                    "error": exc.message,
+                }
+
+    rows = [run(probe())]
+    render(
+        rows,
+        st.output,
+        columns=[
+            ("service", "SERVICE"),
+            ("status", "STATUS"),
+            ("url", "URL"),
+            ("pid", "PID"),
+            ("version", "VERSION"),
+            ("uptime_s", "UPTIME (s)"),
+        ],
+    )
+    if any(r["status"] != "ok" for r in rows):
+        raise Unreachable("the platform is not running or not healthy (`prvng platform start`)")

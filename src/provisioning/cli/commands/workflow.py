@@ -1,0 +1,294 @@
+"""`prvng workflow …`: submit, watch and control workflows."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from provisioning.cli.output import OutputFormat, console, render
+from provisioning.cli.state import run, state_of
+from provisioning.core.errors import OperationFailed
+from provisioning.orchestrator.client import OrchestratorClient
+from provisioning.orchestrator.workflow_file import load_workflow_file
+
+app = typer.Typer(help="Submit, list, watch and control workflows.", no_args_is_help=True)
+
+WF_COLUMNS = [
+    ("id", "ID"),
+    ("name", "NAME"),
+    ("kind", "KIND"),
+    ("status", "STATUS"),
+    ("priority", "PRIO"),
+    ("progress", "DONE/TOTAL"),
+    ("created_at", "CREATED"),
+]
+TASK_COLUMNS = [
+    ("name", "TASK"),
+    ("status", "STATUS"),
+    ("tries", "ATTEMPTS"),
+    ("depends", "DEPENDS ON"),
+    ("error", "ERROR"),
+    ("id", "ID"),
+]
+_ENDED = {"Completed", "Failed", "Cancelled", "RolledBack"}
+_TASK_DONE = {"Completed", "Failed", "Cancelled", "Skipped", "RolledBack"}
+WfId = Annotated[str, typer.Argument(help="Workflow id (see `prvng workflow list`).")]
+
+
+def _progress(wf: dict[str, Any]) -> str:
+    counts = wf.get("task_counts") or {}
+    total = sum(counts.values())
+    done = sum(n for s, n in counts.items() if s in _TASK_DONE)
+    return f"{done}/{total}"
+
+
+def _rows(wfs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**w, "progress": _progress(w)} for w in wfs]
+
+
+def _task_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **t,
+            "tries": len(t.get("attempts") or []),
+            "depends": [
+                d["task"] if d["kind"] == "hard" else f"{d['task']} ({d['kind']})"
+                for d in t["depends_on"]
+            ],
+        }
+        for t in tasks
+    ]
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Workflow file: .ncl, .json, .yaml or .yml.")],
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Show live progress; exit 0 only if it Completed.")
+    ] = False,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(help="Submitting the same key again returns the same workflow."),
+    ] = None,
+) -> None:
+    """Validate a workflow file locally, submit it and print its id.
+
+    Nickel files are checked against the shipped contract; errors show as Nickel prints them.
+    """
+    st = state_of(ctx)
+    spec = load_workflow_file(file)
+    if idempotency_key:
+        spec = spec.model_copy(update={"idempotency_key": idempotency_key})
+
+    async def go() -> dict[str, Any]:
+        async with st.client() as c:
+            wf = await c.submit(spec)
+            if wait:
+                wf = await _wait(c, wf["id"], st.output)
+            return wf
+
+    wf = run(go())
+    if st.output is OutputFormat.TABLE:
+        console.print(f"workflow {wf['id']} {wf['name']}: {wf['status']}", markup=False)
+        if wait and wf.get("error"):
+            console.print(wf["error"], markup=False, style="red")
+    else:
+        render(wf, st.output)
+    if wait and wf["status"] != "Completed":
+        raise OperationFailed(
+            f"workflow {wf['id']} ended {wf['status']}: {wf.get('error') or ''}".rstrip(": ")
+        )
+
+
+async def _wait(
+    c: OrchestratorClient, wf_id: str, fmt: OutputFormat, timeout_s: float = 7 * 86400
+) -> dict[str, Any]:
+    """Poll until the workflow ends, showing progress (a bar on a terminal, lines otherwise)."""
+    deadline = time.monotonic() + timeout_s
+    live = fmt is OutputFormat.TABLE and sys.stderr.isatty()
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[extra]}"),
+        TimeElapsedColumn(),
+        console=console if live else None,
+        transient=False,
+        disable=not live,
+    )
+    bar = progress.add_task("starting", total=None, extra="")
+    last = ""
+    with progress:
+        while True:
+            wf = await c.get_workflow(wf_id)
+            counts = wf.get("task_counts") or {}
+            total = sum(counts.values())
+            done = sum(n for s, n in counts.items() if s in _TASK_DONE)
+            failed = counts.get("Failed", 0)
+            running = counts.get("Running", 0) + counts.get("RollingBack", 0)
+            extra = f"running {running}" + (f", failed {failed}" if failed else "")
+            progress.update(bar, description=wf["status"], total=total, completed=done, extra=extra)
+            line = f"{wf['status']}: {done}/{total} tasks done, {extra}"
+            if not live and line != last and fmt is OutputFormat.TABLE:
+                print(line, file=sys.stderr, flush=True)
+                last = line
+            if wf["status"] in _ENDED:
+                return wf
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"gave up waiting for workflow {wf_id} after {timeout_s:g}s")
+            await asyncio.sleep(0.5)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None, typer.Option(help="Only this status, e.g. Running, Failed.")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind, e.g. custom, batch.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this owner.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many (1-1000).")] = 50,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many.")] = 0,
+) -> None:
+    """List workflows, newest first."""
+    st = state_of(ctx)
+
+    async def go() -> list[dict[str, Any]]:
+        async with st.client() as c:
+            return await c.list_workflows(
+                status=status, kind=kind, owner=owner, limit=limit, offset=offset
+            )
+
+    data = run(go())
+    render(_rows(data) if st.output is OutputFormat.TABLE else data, st.output, columns=WF_COLUMNS)
+
+
+@app.command()
+def show(ctx: typer.Context, workflow_id: WfId) -> None:
+    """Show a workflow and its tasks with their states, attempts and errors."""
+    st = state_of(ctx)
+
+    async def go() -> dict[str, Any]:
+        async with st.client() as c:
+            return await c.get_workflow(workflow_id)
+
+    wf = run(go())
+    if st.output is not OutputFormat.TABLE:
+        render(wf, st.output)
+        return
+    summary = {k: v for k, v in wf.items() if k != "tasks"}
+    summary["progress"] = _progress(wf)
+    render(summary, st.output)
+    render(_task_rows(wf.get("tasks") or []), st.output, columns=TASK_COLUMNS, title="tasks")
+
+
+def _action(ctx: typer.Context, workflow_id: str, action: str) -> None:
+    st = state_of(ctx)
+
+    async def go() -> dict[str, Any]:
+        async with st.client() as c:
+            return await c.action(workflow_id, action)
+
+    wf = run(go())
+    if st.output is OutputFormat.TABLE:
+        extra = f" ({wf['rerun_tasks']} tasks to run again)" if "rerun_tasks" in wf else ""
+        console.print(f"workflow {wf['id']}: {action} accepted, now {wf['status']}{extra}")
+    else:
+        render(wf, st.output)
+
+
+@app.command()
+def cancel(ctx: typer.Context, workflow_id: WfId) -> None:
+    """Cancel: running tasks get SIGTERM (then SIGKILL after a grace); the rest are cancelled."""
+    _action(ctx, workflow_id, "cancel")
+
+
+@app.command()
+def pause(ctx: typer.Context, workflow_id: WfId) -> None:
+    """Pause: no new task starts; running ones finish."""
+    _action(ctx, workflow_id, "pause")
+
+
+@app.command()
+def resume(ctx: typer.Context, workflow_id: WfId) -> None:
+    """Resume a paused workflow."""
+    _action(ctx, workflow_id, "resume")
+
+
+@app.command()
+def retry(ctx: typer.Context, workflow_id: WfId) -> None:
+    """Retry a Failed or Cancelled workflow from the point of failure (completed tasks are kept)."""
+    _action(ctx, workflow_id, "retry")
+
+
+@app.command()
+def rollback(ctx: typer.Context, workflow_id: WfId) -> None:
+    """Roll back: run the rollback commands of completed tasks in reverse topological order."""
+    _action(ctx, workflow_id, "rollback")
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    workflow_id: WfId,
+    task: Annotated[
+        str | None, typer.Option("--task", "-t", help="Only this task (name or id).")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the workflow ends.")
+    ] = False,
+    grep: Annotated[str | None, typer.Option(help="Only lines containing this text.")] = None,
+) -> None:
+    """Print the logs of a workflow's tasks (or one task), optionally following them live."""
+    st = state_of(ctx)
+
+    async def go() -> None:
+        async with st.client() as c:
+            wf = await c.get_workflow(workflow_id)
+            tasks = [t for t in wf["tasks"] if task in (None, t["name"], t["id"])]
+            if task and not tasks:
+                raise OperationFailed(f"workflow {workflow_id} has no task {task!r}")
+            cursors: dict[str, str | None] = {t["id"]: None for t in tasks}
+            names = {t["id"]: t["name"] for t in tasks}
+            deadline = time.monotonic() + 7 * 86400
+            while True:
+                for tid in cursors:
+                    params: dict[str, Any] = {"q": grep}
+                    if cursors[tid]:
+                        params["after"] = cursors[tid]
+                    for ln in await c.task_logs(tid, **params):
+                        cursors[tid] = f"{ln['attempt']}:{ln['n']}"
+                        _print_line(names[tid], ln, st.output)
+                if not follow or time.monotonic() > deadline:
+                    return
+                wf = await c.get_workflow(workflow_id)
+                if wf["status"] in _ENDED and all(
+                    t["status"] in _TASK_DONE for t in wf["tasks"] if t["id"] in cursors
+                ):
+                    follow_done = True
+                    for tid in cursors:
+                        params = {"q": grep, "after": cursors[tid]} if cursors[tid] else {"q": grep}
+                        for ln in await c.task_logs(tid, **params):
+                            cursors[tid] = f"{ln['attempt']}:{ln['n']}"
+                            _print_line(names[tid], ln, st.output)
+                    if follow_done:
+                        return
+                await asyncio.sleep(0.5)
+
+    run(go())
+
+
+def _print_line(task: str, ln: dict[str, Any], fmt: OutputFormat) -> None:
+    if fmt is OutputFormat.JSON:
+        import json
+
+        print(json.dumps({"task": task, **ln}), flush=True)
+        return
+    print(f"{task} [{ln['attempt']}] {ln['stream']}: {ln['line']}", flush=True)

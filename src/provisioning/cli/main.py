@@ -1,0 +1,109 @@
+"""The `prvng` command: global flags, sub-commands, errors turned into exit codes.
+
+Exit codes (DESIGN §9): 0 ok, 1 operation failed, 2 usage error, 3 not reachable / not
+authorised.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.text import Text
+
+from provisioning import __version__
+from provisioning.cli.commands import platform, serve, task, workflow
+from provisioning.cli.output import OutputFormat, err_console
+from provisioning.cli.state import CliState
+from provisioning.core.errors import NickelError, ProvisioningError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="prvng",
+    help="Provisioning platform: run workflows, manage the platform and its services.\n\n"
+    "Start with `prvng platform start` (or `make run`), then "
+    "`prvng workflow submit examples/workflows/hello.ncl --wait`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(platform.app, name="platform")
+app.add_typer(serve.app, name="serve")
+app.add_typer(workflow.app, name="workflow")
+app.add_typer(task.app, name="task")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"prvng {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    output: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--output", "-o", help="Output format of listings.", envvar="PRVNG_OUTPUT_FORMAT"
+        ),
+    ] = OutputFormat.TABLE,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Orchestrator URL; default from the settings (http://127.0.0.1:8080).",
+            envvar="PRVNG_URL",
+        ),
+    ] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Platform data dir (default ~/.local/share/provisioning).",
+            envvar="PRVNG_HOME",
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    ctx.obj = CliState(output=output, url=url, home=home)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `prvng` console script."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except ProvisioningError as exc:
+        if (
+            isinstance(exc, NickelError)
+            and exc.details.get("diagnostic_ansi")
+            and sys.stderr.isatty()
+        ):
+            sys.stderr.write(str(exc.details["diagnostic_ansi"]) + "\n")
+        else:
+            err_console.print(
+                Text.assemble(("error", "bold red"), f" [{exc.code}]: {exc.message}"),
+                highlight=False,
+            )
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""What every command shares: the global flags and the settings built from them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from provisioning.cli.output import OutputFormat
+from provisioning.core.settings import Settings, load_settings
+from provisioning.orchestrator.client import OrchestratorClient
+
+__all__ = ["CliState", "run", "state_of"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class CliState:
+    output: OutputFormat
+    url: str | None
+    home: Path | None
+    _settings: Settings | None = None
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings from every layer; ``overrides`` are the command's own flags."""
+        if overrides:
+            return load_settings(home=self.home, overrides=overrides)
+        if self._settings is None:
+            self._settings = load_settings(home=self.home)
+        return self._settings
+
+    def orchestrator_url(self) -> str:
+        if self.url:
+            return self.url
+        o = self.settings().orchestrator
+        host = "127.0.0.1" if o.host in ("0.0.0.0", "::", "") else o.host
+        return f"http://{host}:{o.port}"
+
+    def client(self) -> OrchestratorClient:
+        return OrchestratorClient(self.orchestrator_url())
+
+
+def state_of(ctx: typer.Context) -> CliState:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, CliState)
+    return obj
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine at the CLI edge."""
+    return asyncio.run(coro)

@@ -1,0 +1,142 @@
+"""Typed async HTTP client of the orchestrator API (used by the CLI and other services).
+
+It takes an optional httpx transport so a test can wire it straight to an ASGI app. Errors come
+back as the same typed errors the server raised; a connection failure is :class:`Unreachable`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+
+from provisioning.core.errors import ProvisioningError, Unreachable, error_from_wire
+from provisioning.orchestrator.api import WorkflowSpec
+
+__all__ = ["OrchestratorClient"]
+
+
+class OrchestratorClient:
+    """``async with OrchestratorClient(url) as c: await c.submit(spec)``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=transport,
+            timeout=timeout,
+            headers=dict(headers or {}),
+        )
+
+    async def __aenter__(self) -> OrchestratorClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unreachable(
+                f"orchestrator at {self.base_url} is not reachable ({exc.__class__.__name__}); "
+                "is the platform running? (`prvng platform status`)"
+            ) from None
+        return _unwrap(resp)
+
+    async def health(self) -> dict[str, Any]:
+        return dict(await self._call("GET", "/health"))
+
+    async def submit(self, spec: WorkflowSpec | Mapping[str, Any]) -> dict[str, Any]:
+        """Submit a workflow; with a known idempotency key the existing workflow comes back."""
+        body = (
+            spec.model_dump(mode="json", exclude_none=True)
+            if isinstance(spec, WorkflowSpec)
+            else spec
+        )
+        return dict(await self._call("POST", "/workflows", json=body))
+
+    async def list_workflows(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(await self._call("GET", "/workflows", params=params))
+
+    async def get_workflow(self, workflow_id: str) -> dict[str, Any]:
+        return dict(await self._call("GET", f"/workflows/{workflow_id}"))
+
+    async def action(self, workflow_id: str, action: str) -> dict[str, Any]:
+        """cancel | pause | resume | retry | rollback."""
+        return dict(await self._call("POST", f"/workflows/{workflow_id}/{action}"))
+
+    async def list_tasks(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(await self._call("GET", "/tasks", params=params))
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        return dict(await self._call("GET", f"/tasks/{task_id}"))
+
+    async def task_logs(self, task_id: str, **params: Any) -> list[dict[str, Any]]:
+        data = await self._call(
+            "GET", f"/tasks/{task_id}/logs", params={k: v for k, v in params.items() if v}
+        )
+        return list(data["lines"])
+
+    async def follow_logs(
+        self, task_id: str, last_event_id: str | None = None
+    ) -> AsyncIterator[tuple[str, str, dict[str, Any]]]:
+        """Yield ``(event, id, data)`` from the SSE stream until the task ends."""
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        try:
+            async with self._http.stream(
+                "GET",
+                f"/tasks/{task_id}/logs",
+                params={"follow": "1"},
+                headers=headers,
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _unwrap(resp)
+                event, ident, data = "message", "", ""
+                async for line in resp.aiter_lines():
+                    if line == "":
+                        if data:
+                            yield event, ident, json.loads(data)
+                        event, ident, data = "message", "", ""
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("id:"):
+                        ident = line[3:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+        except httpx.TransportError as exc:
+            raise Unreachable(
+                f"orchestrator at {self.base_url} is not reachable ({exc.__class__.__name__})"
+            ) from None
+
+
+def _unwrap(resp: httpx.Response) -> Any:
+    try:
+        doc = resp.json()
+    except ValueError:
+        raise ProvisioningError(
+            f"unexpected answer from {resp.request.url} "
+            f"(HTTP {resp.status_code}): {resp.text[:200]}"
+        ) from None
+    if resp.is_success and isinstance(doc, dict) and doc.get("success"):
+        return doc.get("data")
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict):
+        raise error_from_wire(err, resp.status_code)
+    raise ProvisioningError(f"HTTP {resp.status_code} from {resp.request.url}")
