@@ -226,10 +226,7 @@ class Engine:
         results, self._results = self._results, []
         pids, self._pids = self._pids, []
         try:
-            if pids:
-                await self.store.set_attempt_pids(pids)
-            if results:
-                await self.store.finish(results, self.worker_id)
+            await self.store.finish(results, self.worker_id, pids)
         except BaseException:
             self._results[:0] = results
             self._pids[:0] = pids

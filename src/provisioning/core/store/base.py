@@ -1,25 +1,31 @@
 """The state store seam.
 
-A :class:`Database` is one SQLAlchemy 2 Core async engine plus the two transaction shapes every
-service uses. Contract (checked by ``tests/contract/test_store_contract.py`` against SQLite and
-PostgreSQL):
+A :class:`Database` runs *transaction functions*: plain synchronous functions that take a
+SQLAlchemy 2 Core :class:`~sqlalchemy.engine.Connection` and do all of one transaction's
+statements. Callers stay async (``await db.run_write(fn)``); each implementation decides how the
+function reaches its driver. A whole transaction costs one hop off the event loop instead of one
+per statement, which is what keeps the orchestrator's hot path fast (docs/architecture.md).
 
-* ``write()`` yields a connection inside a transaction that is committed when the block ends and
-  rolled back when it raises; writes inside one ``write()`` are atomic and durable once it returns.
-  Concurrent ``write()`` blocks never see each other's uncommitted rows.
-* ``read()`` yields a connection that sees every write committed before it began.
-* ``dialect`` is ``"sqlite"`` or ``"postgresql"``, for the few queries that differ
-  (``FOR UPDATE SKIP LOCKED`` exists only on PostgreSQL).
+Contract (checked by ``tests/contract/test_database_contract.py`` on SQLite and PostgreSQL):
+
+* ``run_write(fn)`` runs ``fn`` inside one transaction, committed when ``fn`` returns and rolled
+  back when it raises (the exception propagates). Once it returns, the writes are durable.
+  Two ``run_write`` calls never interleave their uncommitted writes.
+* ``run_read(fn)`` runs ``fn`` on a connection that sees every write committed before it began.
+* ``dialect`` is ``"sqlite"`` or ``"postgresql"``, for the few statements that differ
+  (``FOR UPDATE SKIP LOCKED`` and advisory locks exist only on PostgreSQL).
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, TypeVar, runtime_checkable
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
 
 __all__ = ["Database", "open_database"]
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -28,18 +34,17 @@ class Database(Protocol):
 
     url: str
     dialect: str
-    engine: AsyncEngine
 
-    def write(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """A write transaction: committed on exit, rolled back on error."""
+    async def run_write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one write transaction and return its result."""
         ...
 
-    def read(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """A read-only connection."""
+    async def run_read(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` on a read connection and return its result."""
         ...
 
     async def close(self) -> None:
-        """Release every connection."""
+        """Release every connection and thread."""
         ...
 
 
@@ -51,7 +56,7 @@ def open_database(url: str, *, sqlite_synchronous: str = "FULL") -> Database:
     """
     from provisioning.core.errors import ConfigError
 
-    if url.startswith("sqlite+aiosqlite://"):
+    if url.startswith(("sqlite+aiosqlite://", "sqlite://")):
         from provisioning.core.store.sqlite import SqliteDatabase
 
         return SqliteDatabase(url, synchronous=sqlite_synchronous)

@@ -28,14 +28,14 @@ async def upgrade(db: Database, script_location: Path, version_table: str) -> No
     """
 
     def _run(conn: Connection) -> None:
+        if db.dialect == "postgresql":
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(version_table.encode())}
+            )
         cfg = Config()
         cfg.set_main_option("script_location", str(script_location))
         cfg.attributes["connection"] = conn
         cfg.attributes["version_table"] = version_table
         command.upgrade(cfg, "head")
 
-    async with db.write() as conn:
-        if db.dialect == "postgresql":
-            key = zlib.crc32(version_table.encode())
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-        await conn.run_sync(_run)
+    await db.run_write(_run)

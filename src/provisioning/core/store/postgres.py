@@ -1,17 +1,22 @@
 """PostgreSQL implementation of the state store (asyncpg), for the distributed mode.
 
-Several processes share one database; row claims use ``FOR UPDATE SKIP LOCKED`` in the services'
-own queries, and short critical sections use transaction-scoped advisory locks.
+Transaction functions run through SQLAlchemy's async engine (``run_sync``: statements are
+awaited on the event loop, no thread). Several processes share one database; row claims use
+``FOR UPDATE SKIP LOCKED`` in the services' own statements, and short critical sections use
+transaction-scoped advisory locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 __all__ = ["PostgresDatabase"]
+
+T = TypeVar("T")
 
 
 class PostgresDatabase:
@@ -25,15 +30,13 @@ class PostgresDatabase:
             url, pool_size=8, max_overflow=8, pool_pre_ping=True
         )
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
+    async def run_write(self, fn: Callable[[Connection], T]) -> T:
         async with self.engine.begin() as conn:
-            yield conn
+            return await conn.run_sync(fn)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
+    async def run_read(self, fn: Callable[[Connection], T]) -> T:
         async with self.engine.connect() as conn:
-            yield conn
+            return await conn.run_sync(fn)
 
     async def close(self) -> None:
         await self.engine.dispose()

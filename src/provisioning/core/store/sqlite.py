@@ -1,26 +1,27 @@
-"""SQLite implementation of the state store: WAL mode, one writer at a time.
+"""SQLite implementation of the state store: WAL mode, one writer thread.
 
-Writes take an in-process lock and ``BEGIN IMMEDIATE`` so a read-then-write transaction never
-fails to upgrade its lock; other processes wait up to ``busy_timeout``.
+Transaction functions run on SQLAlchemy's synchronous pysqlite driver in dedicated threads: all
+writes on one thread (SQLite has one writer anyway; ``BEGIN IMMEDIATE`` so a read-then-write
+transaction never fails to upgrade its lock), reads on a small pool of others. Other processes
+on the same file wait up to ``busy_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import QueuePool
 
 __all__ = ["SqliteDatabase"]
 
-_WRITE = contextvars.ContextVar("prvng_sqlite_write", default=False)
+T = TypeVar("T")
 
 
 class SqliteDatabase:
@@ -33,13 +34,19 @@ class SqliteDatabase:
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: AsyncEngine = create_async_engine(
-            url, poolclass=AsyncAdaptedQueuePool, pool_size=4, max_overflow=4
+        self.engine: Engine = create_engine(
+            f"sqlite:///{path}",
+            poolclass=QueuePool,
+            pool_size=4,
+            max_overflow=4,
+            connect_args={"check_same_thread": False},
         )
-        self._lock = asyncio.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._readers = ThreadPoolExecutor(3, thread_name_prefix="sqlite-read")
+        self._local = threading.local()
         sync = synchronous
 
-        @event.listens_for(self.engine.sync_engine, "connect")
+        @event.listens_for(self.engine, "connect")
         def _on_connect(dbapi: Any, _record: Any) -> None:
             dbapi.isolation_level = None
             cur = dbapi.cursor()
@@ -49,28 +56,35 @@ class SqliteDatabase:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
-        @event.listens_for(self.engine.sync_engine, "begin")
+        local = self._local
+
+        @event.listens_for(self.engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if _WRITE.get() else "BEGIN")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if getattr(local, "write", False) else "BEGIN")
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._lock:
-            token: contextvars.Token[bool] | None = _WRITE.set(True)
-            try:
-                async with self.engine.begin() as conn:
-                    assert token is not None
-                    _WRITE.reset(token)
-                    token = None
-                    yield conn
-            finally:
-                if token is not None:
-                    _WRITE.reset(token)
+    def _write(self, fn: Callable[[Connection], T]) -> T:
+        self._local.write = True
+        try:
+            with self.engine.begin() as conn:
+                return fn(conn)
+        finally:
+            self._local.write = False
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
-            yield conn
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn)
+
+    async def run_write(self, fn: Callable[[Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, fn)
+
+    async def run_read(self, fn: Callable[[Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, fn)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self.engine.dispose()

@@ -1,0 +1,820 @@
+"""Every state transition of workflows and tasks, as synchronous transaction functions.
+
+Each function here is the body of one transaction (run by ``Database.run_write``): it reads what
+it needs, decides, and writes the whole consequence at once, so a crash at any moment leaves the
+store either before or after a transition, never half-way. Statements are batched
+(``executemany``) so a scheduler turn costs a constant number of statements however many tasks
+it starts or finishes.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, case, exists, func, insert, or_, select, text, update
+from sqlalchemy.engine import Connection
+
+from provisioning.core.errors import InvalidState, NotFound
+from provisioning.orchestrator.api import (
+    DependencyKind,
+    OnFailure,
+    RetryPolicy,
+    TaskStatus,
+    WorkflowStatus,
+)
+from provisioning.orchestrator.clock import as_utc
+from provisioning.orchestrator.tables import attempts, task_deps, tasks, workflows
+
+__all__ = [
+    "Claim",
+    "Limits",
+    "Result",
+    "backoff_delay",
+]
+
+TS = TaskStatus
+WS = WorkflowStatus
+ACTIVE = (TS.RUNNING.value, TS.ROLLING_BACK.value)
+WAITING = (TS.PENDING.value, TS.READY.value)
+TERMINAL_WF = (WS.COMPLETED.value, WS.FAILED.value, WS.CANCELLED.value, WS.ROLLED_BACK.value)
+_CLAIM_LOCK_KEY = 0x70726E67  # serialises claims across PostgreSQL workers (limits stay exact)
+_CHUNK = 500
+
+# Which end states of a dependency let a dependant run, per dependency kind.
+ALLOWED = {
+    DependencyKind.HARD.value: {TS.COMPLETED.value},
+    DependencyKind.SOFT.value: {TS.COMPLETED.value, TS.FAILED.value},
+    DependencyKind.OPTIONAL.value: {
+        TS.COMPLETED.value,
+        TS.FAILED.value,
+        TS.SKIPPED.value,
+        TS.CANCELLED.value,
+    },
+}
+
+
+def backoff_delay(policy: RetryPolicy, failed_attempts: int, rng: random.Random) -> float:
+    """Seconds to wait before the next attempt after ``failed_attempts`` failures (>= 1).
+
+    Exponential: ``initial * 2^(n-1)``; fixed: ``initial``; both capped at ``max_delay_s`` and
+    scaled by a random factor in ``[1 - jitter, 1]`` so retries of many tasks spread out.
+    """
+    n = max(1, failed_attempts)
+    if policy.backoff == "fixed":
+        base = policy.initial_delay_s
+    else:
+        base = policy.initial_delay_s * 2 ** min(n - 1, 60)
+    base = min(base, policy.max_delay_s)
+    return base * (1 - policy.jitter * rng.random())
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Concurrency limits applied when claiming."""
+
+    free_slots: int
+    key_limits: Mapping[str, int]
+    default_key_limit: int
+
+
+@dataclass
+class Claim:
+    """A task attempt this worker now owns and must run."""
+
+    task_id: str
+    workflow_id: str
+    name: str
+    phase: str  # run | rollback
+    attempt: int
+    attempt_id: str
+    spec: dict[str, Any]
+    log_path: Path
+    inputs: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    """How one attempt ended."""
+
+    task_id: str
+    attempt: int
+    phase: str
+    ok: bool
+    exit_code: int | None = None
+    error: str | None = None
+    outputs: Mapping[str, Any] | None = None
+    cancelled: bool = False
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# ---------------------------------------------------------------------- claiming
+
+_CLAIM_COLS = (
+    tasks.c.id,
+    tasks.c.workflow_id,
+    tasks.c.name,
+    tasks.c.spec,
+    tasks.c.depends_on,
+    tasks.c.concurrency_key,
+    tasks.c.attempts,
+    tasks.c.attempt_seq,
+    tasks.c.started_at,
+    workflows.c.parallel_limit,
+    workflows.c.status.label("wf_status"),
+    workflows.c.idempotency_key.label("wf_key"),
+)
+
+
+def claim(
+    conn: Connection,
+    dialect: str,
+    worker: str,
+    limits: Limits,
+    lease_s: float,
+    log_dir: Path,
+    now: datetime,
+) -> tuple[list[Claim], datetime | None]:
+    """Claim ready tasks (and due rollbacks) within the limits; return them and, when slots
+    remain free, the earliest future ``ready_at`` (when to look again)."""
+    if dialect == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CLAIM_LOCK_KEY})
+    per_wf: dict[str, int] = {}
+    per_key: dict[str, int] = {}
+    for wf_id, key, n in conn.execute(
+        select(tasks.c.workflow_id, tasks.c.concurrency_key, func.count())
+        .where(tasks.c.status.in_(ACTIVE))
+        .group_by(tasks.c.workflow_id, tasks.c.concurrency_key)
+    ):
+        per_wf[wf_id] = per_wf.get(wf_id, 0) + n
+        if key:
+            per_key[key] = per_key.get(key, 0) + n
+    free = limits.free_slots
+    claims: list[Claim] = []
+    if free > 0:
+        chosen = _pick_ready(conn, dialect, now, free, per_wf, per_key, limits)
+        claims += _start(conn, chosen, "run", worker, now, lease_s, log_dir)
+        free -= len(chosen)
+    if free > 0:
+        chosen = _pick_rollbacks(conn, per_wf, free)
+        claims += _start(conn, chosen, "rollback", worker, now, lease_s, log_dir)
+        free -= len(chosen)
+    next_at = None
+    if free > 0:
+        next_at = as_utc(
+            conn.execute(
+                select(func.min(tasks.c.ready_at)).where(
+                    tasks.c.status == TS.READY.value, tasks.c.ready_at > now
+                )
+            ).scalar()
+        )
+    return claims, next_at
+
+
+def _pick_ready(
+    conn: Connection,
+    dialect: str,
+    now: datetime,
+    free: int,
+    per_wf: dict[str, int],
+    per_key: dict[str, int],
+    limits: Limits,
+) -> list[Any]:
+    q = (
+        select(*_CLAIM_COLS)
+        .join(workflows, workflows.c.id == tasks.c.workflow_id)
+        .where(
+            tasks.c.status == TS.READY.value,
+            tasks.c.ready_at <= now,
+            workflows.c.status.in_((WS.PENDING.value, WS.RUNNING.value)),
+            workflows.c.draining.is_(None),
+        )
+        .order_by(tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
+        .limit(max(64, free * 8))
+    )
+    if dialect == "postgresql":
+        q = q.with_for_update(of=tasks, skip_locked=True)
+    chosen: list[Any] = []
+    for row in conn.execute(q):
+        if len(chosen) >= free:
+            break
+        wf_limit = row.parallel_limit
+        if wf_limit is not None and per_wf.get(row.workflow_id, 0) >= wf_limit:
+            continue
+        key = row.concurrency_key
+        if key:
+            if per_key.get(key, 0) >= limits.key_limits.get(key, limits.default_key_limit):
+                continue
+            per_key[key] = per_key.get(key, 0) + 1
+        per_wf[row.workflow_id] = per_wf.get(row.workflow_id, 0) + 1
+        chosen.append(row)
+    return chosen
+
+
+def _pick_rollbacks(conn: Connection, per_wf: dict[str, int], free: int) -> list[Any]:
+    # Rollback is sequential per workflow, in reverse topological order, once nothing of the
+    # workflow runs any more.
+    chosen: list[Any] = []
+    for (wf_id,) in conn.execute(
+        select(workflows.c.id).where(
+            workflows.c.status == WS.ROLLING_BACK.value, workflows.c.draining.is_(None)
+        )
+    ).all():
+        if len(chosen) >= free or per_wf.get(wf_id, 0) > 0:
+            continue
+        for row in conn.execute(
+            select(*_CLAIM_COLS)
+            .join(workflows, workflows.c.id == tasks.c.workflow_id)
+            .where(tasks.c.workflow_id == wf_id, tasks.c.status == TS.COMPLETED.value)
+            .order_by(tasks.c.topo.desc())
+        ):
+            if row.spec.get("rollback"):
+                chosen.append(row)
+                break
+    return chosen
+
+
+def _start(
+    conn: Connection,
+    rows: Sequence[Any],
+    phase: str,
+    worker: str,
+    now: datetime,
+    lease_s: float,
+    log_dir: Path,
+) -> list[Claim]:
+    if not rows:
+        return []
+    lease_until = now + timedelta(seconds=lease_s)
+    status = TS.RUNNING.value if phase == "run" else TS.ROLLING_BACK.value
+    claims: list[Claim] = []
+    task_updates: list[dict[str, Any]] = []
+    attempt_rows: list[dict[str, Any]] = []
+    pending_wfs: set[str] = set()
+    for r in rows:
+        number = int(r.attempt_seq) + 1
+        attempt_id = str(uuid.uuid4())
+        log_path = log_dir / r.workflow_id / r.id / f"{number}.log"
+        task_updates.append(
+            {
+                "b_id": r.id,
+                "b_status": status,
+                "b_attempts": int(r.attempts) + (1 if phase == "run" else 0),
+                "b_seq": number,
+                "b_owner": worker,
+                "b_lease": lease_until,
+                "b_started": as_utc(r.started_at) or now,
+            }
+        )
+        attempt_rows.append(
+            {
+                "id": attempt_id,
+                "task_id": r.id,
+                "number": number,
+                "phase": phase,
+                "worker": worker,
+                "pid": None,
+                "started_at": now,
+                "ended_at": None,
+                "exit_code": None,
+                "error": None,
+                "log_path": str(log_path),
+            }
+        )
+        if r.wf_status == WS.PENDING.value:
+            pending_wfs.add(r.workflow_id)
+        claims.append(
+            Claim(
+                task_id=r.id,
+                workflow_id=r.workflow_id,
+                name=r.name,
+                phase=phase,
+                attempt=number,
+                attempt_id=attempt_id,
+                spec=dict(r.spec),
+                log_path=log_path,
+                idempotency_key=f"{r.wf_key or r.workflow_id}:{r.name}",
+            )
+        )
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.id == bindparam("b_id"))
+        .values(
+            status=bindparam("b_status"),
+            attempts=bindparam("b_attempts"),
+            attempt_seq=bindparam("b_seq"),
+            lease_owner=bindparam("b_owner"),
+            lease_expires_at=bindparam("b_lease"),
+            started_at=bindparam("b_started"),
+        ),
+        task_updates,
+    )
+    conn.execute(insert(attempts), attempt_rows)
+    if pending_wfs:
+        conn.execute(
+            update(workflows)
+            .where(workflows.c.id.in_(sorted(pending_wfs)), workflows.c.status == WS.PENDING.value)
+            .values(status=WS.RUNNING.value, started_at=now, updated_at=now)
+        )
+    if phase == "run":
+        _load_inputs(conn, claims, {r.id: r.depends_on for r in rows})
+    return claims
+
+
+def _load_inputs(
+    conn: Connection, claims: list[Claim], depends: Mapping[str, list[dict[str, str]]]
+) -> None:
+    wanted: dict[str, set[str]] = {}
+    for c in claims:
+        for dep in depends[c.task_id]:
+            wanted.setdefault(c.workflow_id, set()).add(dep["task"])
+    outputs: dict[tuple[str, str], Any] = {}
+    for wf_id, names in wanted.items():
+        for chunk in _chunks(sorted(names)):
+            for r in conn.execute(
+                select(tasks.c.name, tasks.c.outputs).where(
+                    tasks.c.workflow_id == wf_id, tasks.c.name.in_(chunk)
+                )
+            ):
+                outputs[(wf_id, r.name)] = r.outputs
+    for c in claims:
+        for dep in depends[c.task_id]:
+            c.inputs[dep["task"]] = outputs.get((c.workflow_id, dep["task"]), {})
+
+
+# ---------------------------------------------------------------------- results
+
+
+def finish(
+    conn: Connection,
+    results: Sequence[Result],
+    owner: str | None,
+    pids: Sequence[tuple[str, int]],
+    now: datetime,
+    rng: random.Random,
+) -> set[str]:
+    """Record how attempts ended and everything that follows, in this one transaction.
+
+    Results of attempts ``owner`` no longer holds (its lease expired and another worker took
+    the task) are ignored; ``owner=None`` (recovery) skips that check. Returns the touched
+    workflow ids.
+    """
+    if pids:
+        conn.execute(
+            update(attempts)
+            .where(attempts.c.id == bindparam("b_id"))
+            .values(pid=bindparam("b_pid")),
+            [{"b_id": a, "b_pid": p} for a, p in pids],
+        )
+    if not results:
+        return set()
+    rows: dict[str, Any] = {}
+    for chunk in _chunks([r.task_id for r in results]):
+        for found in conn.execute(
+            select(
+                tasks,
+                workflows.c.status.label("wf_status"),
+                workflows.c.draining.label("wf_draining"),
+            )
+            .join(workflows, workflows.c.id == tasks.c.workflow_id)
+            .where(tasks.c.id.in_(chunk))
+        ):
+            rows[found.id] = found
+    draining: dict[str, str | None] = {}
+    wf_values: dict[str, dict[str, Any]] = {}
+    wf_errors: dict[str, list[str]] = {}
+    attempt_updates: list[dict[str, Any]] = []
+    task_updates: list[dict[str, Any]] = []
+    ended: list[tuple[str, str]] = []
+    touched: set[str] = set()
+    for res in results:
+        row = rows.get(res.task_id)
+        if row is None or int(row.attempt_seq) != res.attempt or row.status not in ACTIVE:
+            continue
+        if owner is not None and row.lease_owner != owner:
+            continue
+        wf_id = row.workflow_id
+        touched.add(wf_id)
+        drain = draining.setdefault(wf_id, row.wf_draining)
+        attempt_updates.append(
+            {
+                "b_task": res.task_id,
+                "b_num": res.attempt,
+                "b_code": res.exit_code,
+                "b_err": res.error,
+            }
+        )
+        upd = {
+            "b_id": row.id,
+            "b_status": row.status,
+            "b_outputs": row.outputs,
+            "b_error": row.error,
+            "b_finished": row.finished_at,
+            "b_ready": row.ready_at,
+        }
+        task_updates.append(upd)
+        if res.phase == "rollback":
+            if res.ok:
+                upd.update(b_status=TS.ROLLED_BACK.value, b_finished=now)
+            else:
+                err = f"rollback failed: {res.error or f'exit code {res.exit_code}'}"
+                upd.update(b_status=TS.FAILED.value, b_error=err)
+                wf_errors.setdefault(wf_id, []).append(f"{row.name}: {err}")
+            continue
+        if res.ok:
+            upd.update(
+                b_status=TS.COMPLETED.value,
+                b_outputs=dict(res.outputs or {}),
+                b_error=None,
+                b_finished=now,
+            )
+            ended.append((row.id, TS.COMPLETED.value))
+            continue
+        error = res.error or f"exit code {res.exit_code}"
+        if drain == "cancel" or res.cancelled:
+            upd.update(b_status=TS.CANCELLED.value, b_error=error, b_finished=now)
+            ended.append((row.id, TS.CANCELLED.value))
+            continue
+        policy = RetryPolicy.model_validate(row.spec.get("retry") or {})
+        if int(row.attempts) < policy.max_attempts and drain is None:
+            delay = backoff_delay(policy, int(row.attempts), rng)
+            upd.update(
+                b_status=TS.READY.value, b_ready=now + timedelta(seconds=delay), b_error=error
+            )
+            continue
+        upd.update(b_status=TS.FAILED.value, b_error=error, b_finished=now)
+        ended.append((row.id, TS.FAILED.value))
+        if row.on_failure != OnFailure.CONTINUE.value and drain is None:
+            draining[wf_id] = row.on_failure
+            values: dict[str, Any] = {
+                "draining": row.on_failure,
+                "error": f"task {row.name!r} failed: {error}",
+                "updated_at": now,
+            }
+            if row.on_failure == OnFailure.ROLLBACK.value:
+                values["status"] = WS.ROLLING_BACK.value
+            wf_values[wf_id] = values
+    if attempt_updates:
+        conn.execute(
+            update(attempts)
+            .where(
+                attempts.c.task_id == bindparam("b_task"), attempts.c.number == bindparam("b_num")
+            )
+            .values(ended_at=now, exit_code=bindparam("b_code"), error=bindparam("b_err")),
+            attempt_updates,
+        )
+    if task_updates:
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.id == bindparam("b_id"))
+            .values(
+                status=bindparam("b_status"),
+                outputs=bindparam("b_outputs"),
+                error=bindparam("b_error"),
+                finished_at=bindparam("b_finished"),
+                ready_at=bindparam("b_ready"),
+                lease_owner=None,
+                lease_expires_at=None,
+            ),
+            task_updates,
+        )
+    for wf_id, values in wf_values.items():
+        conn.execute(update(workflows).where(workflows.c.id == wf_id).values(**values))
+    for wf_id, errors in wf_errors.items():
+        _append_wf_error(conn, wf_id, "; ".join(errors), now)
+    propagate(conn, ended, now)
+    for wf_id in sorted(touched):
+        settle(conn, wf_id, now)
+    return touched
+
+
+def _append_wf_error(conn: Connection, wf_id: str, message: str, now: datetime) -> None:
+    cur = conn.execute(select(workflows.c.error).where(workflows.c.id == wf_id)).scalar()
+    conn.execute(
+        update(workflows)
+        .where(workflows.c.id == wf_id)
+        .values(error=f"{cur}; {message}" if cur else message, updated_at=now)
+    )
+
+
+def propagate(conn: Connection, ended: Sequence[tuple[str, str]], now: datetime) -> None:
+    """Tell the dependants of tasks that ended; start or skip those now unblocked."""
+    frontier = list(ended)
+    while frontier:
+        outcome = dict(frontier)
+        edges: list[Any] = []
+        for chunk in _chunks(list(outcome)):
+            edges += conn.execute(
+                select(task_deps.c.task_id, task_deps.c.dep_id, task_deps.c.kind).where(
+                    task_deps.c.dep_id.in_(chunk)
+                )
+            ).all()
+        if not edges:
+            return
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.id == bindparam("b_id"))
+            .values(
+                deps_remaining=tasks.c.deps_remaining - 1,
+                blocked=case((bindparam("b_block") == 1, 1), else_=tasks.c.blocked),
+            ),
+            [
+                {"b_id": e.task_id, "b_block": 0 if outcome[e.dep_id] in ALLOWED[e.kind] else 1}
+                for e in edges
+            ],
+        )
+        ready: list[str] = []
+        skipped: list[str] = []
+        for chunk in _chunks(sorted({e.task_id for e in edges})):
+            for r in conn.execute(
+                select(tasks.c.id, tasks.c.blocked).where(
+                    tasks.c.id.in_(chunk),
+                    tasks.c.deps_remaining <= 0,
+                    tasks.c.status == TS.PENDING.value,
+                )
+            ):
+                (skipped if r.blocked else ready).append(r.id)
+        for chunk in _chunks(ready):
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.id.in_(chunk))
+                .values(status=TS.READY.value, ready_at=now)
+            )
+        for chunk in _chunks(skipped):
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.id.in_(chunk))
+                .values(
+                    status=TS.SKIPPED.value, error="a dependency did not complete", finished_at=now
+                )
+            )
+        frontier = [(tid, TS.SKIPPED.value) for tid in skipped]
+
+
+def _any(conn: Connection, wf_id: str, statuses: Sequence[str]) -> bool:
+    return bool(
+        conn.execute(
+            select(exists().where(tasks.c.workflow_id == wf_id, tasks.c.status.in_(statuses)))
+        ).scalar()
+    )
+
+
+def settle(conn: Connection, wf_id: str, now: datetime) -> None:
+    """End a workflow whose work is done, or move it to its next phase."""
+    wf = conn.execute(
+        select(workflows.c.status, workflows.c.draining).where(workflows.c.id == wf_id)
+    ).first()
+    if wf is None or wf.status in TERMINAL_WF or _any(conn, wf_id, ACTIVE):
+        return
+    waiting = _any(conn, wf_id, WAITING)
+    if wf.draining == "cancel":
+        _end_waiting(conn, wf_id, TS.CANCELLED.value, "workflow cancelled", now)
+        _end(conn, wf_id, WS.CANCELLED.value, now)
+    elif wf.draining == "fail":
+        _end_waiting(conn, wf_id, TS.SKIPPED.value, "workflow failed", now)
+        _end(conn, wf_id, WS.FAILED.value, now)
+    elif wf.draining == "rollback" or wf.status == WS.ROLLING_BACK.value:
+        if waiting:
+            _end_waiting(conn, wf_id, TS.SKIPPED.value, "workflow rolled back", now)
+        if wf.draining is not None:
+            conn.execute(
+                update(workflows)
+                .where(workflows.c.id == wf_id)
+                .values(draining=None, updated_at=now)
+            )
+        specs = conn.execute(
+            select(tasks.c.spec).where(
+                tasks.c.workflow_id == wf_id, tasks.c.status == TS.COMPLETED.value
+            )
+        ).all()
+        if not any(r.spec.get("rollback") for r in specs):
+            failed = conn.execute(
+                select(func.count()).where(
+                    tasks.c.workflow_id == wf_id,
+                    tasks.c.status == TS.FAILED.value,
+                    tasks.c.error.like("rollback failed:%"),
+                )
+            ).scalar()
+            _end(conn, wf_id, WS.FAILED.value if failed else WS.ROLLED_BACK.value, now)
+    elif not waiting and wf.status in (WS.RUNNING.value, WS.PENDING.value):
+        failed = conn.execute(
+            select(func.count()).where(
+                tasks.c.workflow_id == wf_id, tasks.c.status == TS.FAILED.value
+            )
+        ).scalar()
+        if failed:
+            _append_wf_error(conn, wf_id, f"{failed} task(s) failed (on_failure=continue)", now)
+        _end(conn, wf_id, WS.FAILED.value if failed else WS.COMPLETED.value, now)
+
+
+def _end_waiting(conn: Connection, wf_id: str, status: str, reason: str, now: datetime) -> None:
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.workflow_id == wf_id, tasks.c.status.in_(WAITING))
+        .values(status=status, error=reason, finished_at=now)
+    )
+
+
+def _end(conn: Connection, wf_id: str, status: str, now: datetime) -> None:
+    conn.execute(
+        update(workflows)
+        .where(workflows.c.id == wf_id)
+        .values(status=status, draining=None, finished_at=now, updated_at=now)
+    )
+
+
+# ---------------------------------------------------------------------- recovery
+
+
+def orphaned(
+    conn: Connection, worker: str, own: bool, exclude: Iterable[str], now: datetime
+) -> list[Any]:
+    """Tasks left Running/RollingBack by a dead worker: lease expired, or — when ``own`` — ours
+    from a previous life (a restarted worker with the same id knows its old self is dead)."""
+    cond = tasks.c.lease_expires_at < now
+    if own:
+        cond = or_(cond, tasks.c.lease_owner == worker)
+    q = (
+        select(
+            tasks.c.id,
+            tasks.c.status,
+            tasks.c.attempt_seq,
+            tasks.c.lease_owner,
+            attempts.c.id.label("attempt_id"),
+            attempts.c.pid,
+        )
+        .outerjoin(
+            attempts,
+            (attempts.c.task_id == tasks.c.id) & (attempts.c.number == tasks.c.attempt_seq),
+        )
+        .where(tasks.c.status.in_(ACTIVE), cond)
+    )
+    excluded = set(exclude)
+    return [r for r in conn.execute(q).all() if r.id not in excluded]
+
+
+def recover(conn: Connection, rows: Sequence[Any], now: datetime, rng: random.Random) -> set[str]:
+    """Fail the lost attempts of orphaned tasks; their retry policy decides what follows.
+
+    A lost compensation (RollingBack) goes back to Completed and runs again: rollback commands
+    must be idempotent.
+    """
+    touched: set[str] = set()
+    lost_runs: list[Result] = []
+    for r in rows:
+        msg = f"worker {r.lease_owner} lost the attempt (crash or lease expiry)"
+        if r.status == TS.RUNNING.value:
+            lost_runs.append(Result(r.id, int(r.attempt_seq), "run", ok=False, error=msg))
+            continue
+        n = conn.execute(
+            update(tasks)
+            .where(tasks.c.id == r.id, tasks.c.status == TS.ROLLING_BACK.value)
+            .values(status=TS.COMPLETED.value, lease_owner=None, lease_expires_at=None)
+            .returning(tasks.c.workflow_id)
+        ).first()
+        if n is not None:
+            conn.execute(
+                update(attempts)
+                .where(attempts.c.task_id == r.id, attempts.c.number == r.attempt_seq)
+                .values(ended_at=now, error=msg)
+            )
+            touched.add(n.workflow_id)
+    touched |= finish(conn, lost_runs, None, (), now, rng)
+    for wf_id in touched:
+        settle(conn, wf_id, now)
+    return touched
+
+
+def unsettled(conn: Connection) -> list[str]:
+    return [
+        r.id
+        for r in conn.execute(select(workflows.c.id).where(workflows.c.status.not_in(TERMINAL_WF)))
+    ]
+
+
+def settle_all(conn: Connection, wf_ids: Iterable[str], now: datetime) -> None:
+    for wf_id in wf_ids:
+        settle(conn, wf_id, now)
+
+
+# ---------------------------------------------------------------------- control
+
+
+def _locked_workflow(conn: Connection, dialect: str, wf_id: str) -> Any:
+    q = select(workflows).where(workflows.c.id == wf_id)
+    if dialect == "postgresql":
+        q = q.with_for_update()
+    row = conn.execute(q).first()
+    if row is None:
+        raise NotFound(f"workflow {wf_id} not found", workflow_id=wf_id)
+    return row
+
+
+def cancel(conn: Connection, dialect: str, wf_id: str, now: datetime) -> None:
+    """Waiting tasks are cancelled now; running ones are signalled by their workers."""
+    wf = _locked_workflow(conn, dialect, wf_id)
+    if wf.status in TERMINAL_WF:
+        raise InvalidState(
+            f"workflow {wf_id} is {wf.status}; only a workflow that has not ended can be cancelled"
+        )
+    conn.execute(
+        update(workflows)
+        .where(workflows.c.id == wf_id)
+        .values(draining="cancel", updated_at=now, error=wf.error or "cancelled by request")
+    )
+    _end_waiting(conn, wf_id, TS.CANCELLED.value, "workflow cancelled", now)
+    settle(conn, wf_id, now)
+
+
+def flip(
+    conn: Connection,
+    dialect: str,
+    wf_id: str,
+    allowed: tuple[str, ...],
+    to: str,
+    verb: str,
+    now: datetime,
+) -> None:
+    """Pause or resume."""
+    wf = _locked_workflow(conn, dialect, wf_id)
+    if wf.status not in allowed or wf.draining is not None:
+        ending = " and ending" if wf.draining else ""
+        raise InvalidState(f"workflow {wf_id} is {wf.status}{ending}; it cannot be {verb}")
+    conn.execute(update(workflows).where(workflows.c.id == wf_id).values(status=to, updated_at=now))
+
+
+def retry(conn: Connection, dialect: str, wf_id: str, now: datetime) -> int:
+    """Completed tasks keep their results; every other task waits again with a fresh budget."""
+    wf = _locked_workflow(conn, dialect, wf_id)
+    if wf.status not in (WS.FAILED.value, WS.CANCELLED.value):
+        raise InvalidState(
+            f"workflow {wf_id} is {wf.status}; only a Failed or Cancelled one can be retried"
+        )
+    rows = conn.execute(
+        select(tasks.c.id, tasks.c.name, tasks.c.status, tasks.c.depends_on).where(
+            tasks.c.workflow_id == wf_id
+        )
+    ).all()
+    status = {r.name: r.status for r in rows}
+    if TS.ROLLED_BACK.value in status.values():
+        raise InvalidState(f"workflow {wf_id} was rolled back; submit it again instead")
+    updates = []
+    for r in rows:
+        if r.status == TS.COMPLETED.value:
+            continue
+        remaining = sum(1 for d in r.depends_on if status[d["task"]] != TS.COMPLETED.value)
+        updates.append(
+            {
+                "b_id": r.id,
+                "b_status": TS.PENDING.value if remaining else TS.READY.value,
+                "b_remaining": remaining,
+                "b_ready": None if remaining else now,
+            }
+        )
+    if updates:
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.id == bindparam("b_id"))
+            .values(
+                status=bindparam("b_status"),
+                deps_remaining=bindparam("b_remaining"),
+                ready_at=bindparam("b_ready"),
+                blocked=0,
+                attempts=0,
+                error=None,
+                finished_at=None,
+            ),
+            updates,
+        )
+    conn.execute(
+        update(workflows)
+        .where(workflows.c.id == wf_id)
+        .values(
+            status=WS.RUNNING.value, draining=None, error=None, finished_at=None, updated_at=now
+        )
+    )
+    settle(conn, wf_id, now)
+    return len(updates)
+
+
+def rollback(conn: Connection, dialect: str, wf_id: str, now: datetime) -> None:
+    """Stop scheduling, wait for running tasks, then compensate completed ones in reverse order."""
+    wf = _locked_workflow(conn, dialect, wf_id)
+    if wf.status in (WS.ROLLING_BACK.value, WS.ROLLED_BACK.value):
+        raise InvalidState(f"workflow {wf_id} is already {wf.status}")
+    conn.execute(
+        update(workflows)
+        .where(workflows.c.id == wf_id)
+        .values(status=WS.ROLLING_BACK.value, draining="rollback", finished_at=None, updated_at=now)
+    )
+    settle(conn, wf_id, now)
