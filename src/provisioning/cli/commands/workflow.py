@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from provisioning.cli.output import OutputFormat, console, render
 from provisioning.cli.state import run, state_of
-from provisioning.core.errors import OperationFailed
+from provisioning.core.errors import OperationFailed, Unreachable
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.orchestrator.workflow_file import load_workflow_file
 
@@ -36,6 +36,7 @@ TASK_COLUMNS = [
     ("error", "ERROR"),
     ("id", "ID"),
 ]
+_RECONNECT_S = 600.0
 _ENDED = {"Completed", "Failed", "Cancelled", "RolledBack"}
 _TASK_DONE = {"Completed", "Failed", "Cancelled", "Skipped", "RolledBack"}
 WfId = Annotated[str, typer.Argument(help="Workflow id (see `prvng workflow list`).")]
@@ -126,8 +127,23 @@ async def _wait(
     bar = progress.add_task("starting", total=None, extra="")
     last = ""
     with progress:
+        lost_since: float | None = None
         while True:
-            wf = await c.get_workflow(wf_id)
+            try:
+                wf = await c.get_workflow(wf_id)
+                lost_since = None
+            except Unreachable:
+                # A restarting orchestrator (crash, upgrade) is not the workflow failing: keep
+                # waiting for it to come back, for a while.
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    print("lost the orchestrator; waiting for it to come back (Ctrl-C stops "
+                          "waiting, the workflow goes on)", file=sys.stderr, flush=True)
+                if now - lost_since > _RECONNECT_S:
+                    raise
+                await asyncio.sleep(1.0)
+                continue
             counts = wf.get("task_counts") or {}
             total = sum(counts.values())
             done = sum(n for s, n in counts.items() if s in _TASK_DONE)
