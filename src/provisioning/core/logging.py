@@ -67,7 +67,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "aiosqlite", "asyncio"):
+    for noisy in ("uvicorn.access", "aiosqlite", "asyncio", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

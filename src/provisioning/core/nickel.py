@@ -17,7 +17,7 @@ import nickel
 
 from provisioning.core.errors import NickelError
 
-__all__ = ["evaluate", "evaluate_file", "schemas_dir", "strip_ansi"]
+__all__ = ["contract", "evaluate", "evaluate_file", "schemas_dir", "strip_ansi"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -52,12 +52,20 @@ def evaluate(expr: str, import_paths: list[Path] | None = None, *, source: str =
     return json.loads(out)
 
 
+def contract(schema: str, name: str) -> str:
+    """A Nickel expression for contract ``name`` of the shipped ``schemas/<schema>``.
+
+    Imported by absolute path, so a user's file of the same name (``platform.ncl``,
+    ``workflow.ncl``) next to the evaluated file never shadows it on the import path.
+    """
+    return f"(import {json.dumps(str(schemas_dir() / schema))}).{name}"
+
+
 def evaluate_file(path: Path, *, wrap: str | None = None) -> Any:
     """Evaluate a Nickel file, optionally applying a contract expression to it.
 
-    ``wrap`` is a Nickel expression with ``{file}`` where the import goes, e.g.
-    ``(import "workflow.ncl").Workflow & {file}`` is not needed: pass
-    ``'(import "{file}") | (import "workflow.ncl").Workflow'``.
+    ``wrap`` is a Nickel expression with ``{file}`` where the file's import goes, e.g.
+    ``f"({{file}}) | {contract('workflow.ncl', 'Workflow')}"``.
 
     Raises:
         NickelError: the file is missing, does not evaluate, or breaks the contract.

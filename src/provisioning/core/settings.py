@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from provisioning.core.errors import ConfigError
-from provisioning.core.nickel import evaluate_file
+from provisioning.core.nickel import contract, evaluate_file
 
 __all__ = [
     "LogSettings",
@@ -199,7 +199,9 @@ def load_settings(
     config_file = home_path / "config" / "platform.ncl"
     file_layer: dict[str, Any] = {}
     if config_file.is_file():
-        value = evaluate_file(config_file, wrap='({file}) | (import "platform.ncl").Platform')
+        value = evaluate_file(
+            config_file, wrap=f"({{file}}) | {contract('platform.ncl', 'Platform')}"
+        )
         if not isinstance(value, dict):
             raise ConfigError(f"{config_file} must evaluate to a record")
         file_layer = value

@@ -26,7 +26,7 @@ import yaml
 from pydantic_core import ErrorDetails
 
 from provisioning.core.errors import UsageError, ValidationError
-from provisioning.core.nickel import evaluate_file, schemas_dir
+from provisioning.core.nickel import contract, evaluate_file
 from provisioning.orchestrator.api import WorkflowSpec
 
 __all__ = [
@@ -76,8 +76,7 @@ def load_workflow_file(path: Path) -> WorkflowSpec:
     if fmt == "ncl":
         # The contract is imported by absolute path: a user file named `workflow.ncl` next to the
         # workflow must not shadow it on the import path.
-        contract = json.dumps(str(schemas_dir() / "workflow.ncl"))
-        data = evaluate_file(path, wrap=f"({{file}}) | (import {contract}).Workflow")
+        data = evaluate_file(path, wrap=f"({{file}}) | {contract('workflow.ncl', 'Workflow')}")
         return _validate(data, str(path))
     try:
         text = path.read_text(encoding="utf-8")
