@@ -145,11 +145,18 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
             str | None, Query(max_length=500, description="Only lines containing this.")
         ] = None,
         format: Annotated[str, Query(pattern="^(json|text)$")] = "json",
-        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+        after: Annotated[
+            str | None,
+            Query(max_length=64, description="Only lines after this position '<attempt>:<line>'."),
+        ] = None,
+        last_event_id: Annotated[
+            str | None, Header(max_length=64, description="SSE resume position (wins over after).")
+        ] = None,
     ) -> Response:
+        position = parse_position(last_event_id or after)
         files = await store.task_log_paths(task_id)
         if not follow:
-            lines = read_lines(files, attempt=attempt, query=q)
+            lines = read_lines(files, attempt=attempt, query=q, after=position)
             if format == "text":
                 body = "".join(
                     f"[{ln['attempt']}:{ln['n']}] {ln['stream']}: {ln['line']}\n" for ln in lines
@@ -159,7 +166,6 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
                     headers={"Content-Disposition": f'attachment; filename="{task_id}.log"'},
                 )
             return envelope({"task_id": task_id, "lines": lines})
-        after = parse_position(last_event_id or request.query_params.get("after"))
         listener = engine.log_listener(task_id)
 
         async def wait_change(timeout: float) -> None:
@@ -173,7 +179,7 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
                     lambda: store.task_log_paths(task_id),
                     lambda: store.task_status(task_id),
                     wait_change,
-                    after=after,
+                    after=position,
                 ):
                     if await request.is_disconnected():
                         return

@@ -138,8 +138,12 @@ async def _wait(
                 now = time.monotonic()
                 if lost_since is None:
                     lost_since = now
-                    print("lost the orchestrator; waiting for it to come back (Ctrl-C stops "
-                          "waiting, the workflow goes on)", file=sys.stderr, flush=True)
+                    print(
+                        "lost the orchestrator; waiting for it to come back (Ctrl-C stops "
+                        "waiting, the workflow goes on)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if now - lost_since > _RECONNECT_S:
                     raise
                 await asyncio.sleep(1.0)
@@ -275,27 +279,20 @@ def logs(
             names = {t["id"]: t["name"] for t in tasks}
             deadline = time.monotonic() + 7 * 86400
             while True:
+                ended = False
+                if follow:
+                    # Read the state before the lines: once it says ended, this read is the last.
+                    wf = await c.get_workflow(workflow_id)
+                    ended = wf["status"] in _ENDED and all(
+                        t["status"] in _TASK_DONE for t in wf["tasks"] if t["id"] in cursors
+                    )
                 for tid in cursors:
-                    params: dict[str, Any] = {"q": grep}
-                    if cursors[tid]:
-                        params["after"] = cursors[tid]
+                    params: dict[str, Any] = {"q": grep, "after": cursors[tid]}
                     for ln in await c.task_logs(tid, **params):
                         cursors[tid] = f"{ln['attempt']}:{ln['n']}"
                         _print_line(names[tid], ln, st.output)
-                if not follow or time.monotonic() > deadline:
+                if not follow or ended or time.monotonic() > deadline:
                     return
-                wf = await c.get_workflow(workflow_id)
-                if wf["status"] in _ENDED and all(
-                    t["status"] in _TASK_DONE for t in wf["tasks"] if t["id"] in cursors
-                ):
-                    follow_done = True
-                    for tid in cursors:
-                        params = {"q": grep, "after": cursors[tid]} if cursors[tid] else {"q": grep}
-                        for ln in await c.task_logs(tid, **params):
-                            cursors[tid] = f"{ln['attempt']}:{ln['n']}"
-                            _print_line(names[tid], ln, st.output)
-                    if follow_done:
-                        return
                 await asyncio.sleep(0.5)
 
     run(go())
