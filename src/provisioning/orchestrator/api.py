@@ -135,8 +135,33 @@ class TaskSpec(_Model):
         return [d if isinstance(d, Dependency) else Dependency(task=d) for d in self.depends_on]
 
 
+def _nul_path(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _nul_path(k, f"{path}.<key>") or _nul_path(v, f"{path}.{k}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_path(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 class WorkflowSpec(_Model):
     """A workflow as submitted: a DAG of tasks and how to run them."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul_characters(cls, data: Any) -> Any:
+        # NUL cannot be stored by PostgreSQL nor passed in argv or the environment.
+        found = _nul_path(data, "workflow")
+        if found:
+            raise ValueError(f"{found} contains a NUL character, which is not allowed")
+        return data
 
     name: str = Field(min_length=1, max_length=200)
     kind: WorkflowKind = WorkflowKind.CUSTOM

@@ -751,6 +751,8 @@ def flip(
         ending = " and ending" if wf.draining else ""
         raise InvalidState(f"workflow {wf_id} is {wf.status}{ending}; it cannot be {verb}")
     conn.execute(update(workflows).where(workflows.c.id == wf_id).values(status=to, updated_at=now))
+    # Every task may have ended while the workflow was paused: resuming must end it then.
+    settle(conn, wf_id, now)
 
 
 def retry(conn: Connection, dialect: str, wf_id: str, now: datetime) -> int:
