@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         ):
             sys.stderr.write(str(exc.details["diagnostic_ansi"]) + "\n")
         else:
+            # soft_wrap: no hard line breaks inside paths and diagnostics when stderr is a pipe.
             err_console.print(
                 Text.assemble(("error", "bold red"), f" [{exc.code}]: {exc.message}"),
                 highlight=False,
+                soft_wrap=True,
             )
         return exc.exit_code
     except click.exceptions.Exit as exc:

@@ -6,6 +6,7 @@ JSON output is exactly the HTTP API's ``data``; tables show the columns a person
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,6 +20,10 @@ from rich.table import Table
 __all__ = ["OutputFormat", "console", "err_console", "render"]
 
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    # Piped output goes to grep, files and scripts: never fold ids and names at an assumed
+    # 80 columns (tables take their natural width; this is only the upper bound).
+    console = Console(width=4096)
 err_console = Console(stderr=True)
 
 

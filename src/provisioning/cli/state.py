@@ -13,6 +13,7 @@ import typer
 from provisioning.cli.output import OutputFormat
 from provisioning.core.settings import Settings, load_settings
 from provisioning.orchestrator.client import OrchestratorClient
+from provisioning.platform.pidfile import PidFile
 
 __all__ = ["CliState", "run", "state_of"]
 
@@ -35,8 +36,12 @@ class CliState:
         return self._settings
 
     def orchestrator_url(self) -> str:
+        """``--url``, else the URL the running platform of the data dir recorded, else settings."""
         if self.url:
             return self.url
+        # `platform start --port P` must be found by later commands without repeating the port.
+        if recorded := PidFile(self.settings().run_dir).url():
+            return recorded
         o = self.settings().orchestrator
         host = "127.0.0.1" if o.host in ("0.0.0.0", "::", "") else o.host
         return f"http://{host}:{o.port}"

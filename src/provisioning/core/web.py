@@ -70,6 +70,17 @@ def describe_errors(errors: Sequence[Any], *, skip_prefix: int = 0) -> str:
     return "; ".join(lines)
 
 
+def _field(e: Any) -> dict[str, str]:
+    loc = list(e.get("loc", ()))
+    where = str((loc or ["body"])[0])
+    if e.get("type") == "json_invalid":
+        # FastAPI puts the character offset where a field name would be.
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        reason = (e.get("ctx") or {}).get("error", e.get("msg"))
+        return {"field": where, "in": where, "message": f"malformed JSON{at}: {reason}"}
+    return {"field": _loc(loc[1:] or loc), "in": where, "message": str(e.get("msg"))}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to the envelope: typed errors by code, validation to 422, the rest 500."""
 
@@ -80,16 +91,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        fields = [
-            {
-                "field": _loc(list(e.get("loc", ()))[1:] or e.get("loc", ())),
-                "in": str((e.get("loc") or ["body"])[0]),
-                "message": str(e.get("msg")),
-            }
-            for e in errors
-        ]
+        fields = [_field(e) for e in errors]
         message = "invalid request: " + "; ".join(
-            f"{f['in']} {f['field']}: {f['message']}" for f in fields
+            f"{f['in']}: {f['message']}"
+            if f["field"] == f["in"]
+            else f"{f['in']} {f['field']}: {f['message']}"
+            for f in fields
         )
         from provisioning.core.errors import ValidationError
 
@@ -112,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413 before they are read into memory."""
+    """Refuses request bodies over ``max_bytes`` with 413, reading at most ``max_bytes`` of one."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -122,8 +129,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        sized = False
         for name, value in scope.get("headers", []):
             if name == b"content-length":
+                sized = True
                 try:
                     too_big = int(value) > self.max_bytes
                 except ValueError:
@@ -131,6 +140,28 @@ class BodyLimitMiddleware:
                 if too_big:
                     await self._refuse(send)
                     return
+        if not sized:
+            # A chunked body has no size up front. Raising from `receive` would reach the app as
+            # a body it could not parse (400), so read it here, at most max_bytes, then replay it.
+            buffered: list[Message] = []
+            total = 0
+            while True:
+                msg = await receive()
+                buffered.append(msg)
+                if msg["type"] != "http.request":
+                    break
+                total += len(msg.get("body", b""))
+                if total > self.max_bytes:
+                    await self._refuse(send)
+                    return
+                if not msg.get("more_body", False):
+                    break
+
+            async def replay() -> Message:
+                return buffered.pop(0) if buffered else await receive()
+
+            await self.app(scope, replay, send)
+            return
         seen = 0
 
         async def limited() -> Message:

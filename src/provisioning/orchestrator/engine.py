@@ -209,7 +209,9 @@ class Engine:
     async def _turn(self) -> datetime | None:
         self._wake.clear()
         await self._flush()
-        free = self.settings.max_parallel - len(self._running)
+        # Attempts that ended during the flush still hold their slot until their end is
+        # recorded: the store counts them Running, and a crash now would re-run them.
+        free = self.settings.max_parallel - len(self._running) - len(self._results)
         limits = Limits(
             free_slots=free,
             key_limits=self.settings.concurrency_limits,

@@ -291,15 +291,33 @@ def kill_orphan(pid: int | None, attempt_id: str | None) -> bool:
     """Kill the process group of an attempt left running by a dead worker on this host.
 
     Only a process whose environment carries the attempt's id is touched, so a reused pid is
-    never killed by mistake. Returns True when a group was signalled.
+    never killed by mistake. A worker records an attempt's pid a scheduler turn after starting
+    it; when it died in between (no ``pid``), the attempt's processes are found in ``/proc``
+    by that same environment entry. Returns True when a group was signalled.
     """
-    if not pid or not attempt_id:
+    if not attempt_id:
         return False
+    entry = f"PRVNG_ATTEMPT_ID={attempt_id}".encode()
+    if pid:
+        if not _carries(pid, entry):
+            return False
+        _signal_group(pid, signal.SIGKILL)
+        return True
+    killed = False
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or not _carries(int(proc_dir.name), entry):
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            pgid = os.getpgid(int(proc_dir.name))
+            if pgid != os.getpgrp():  # attempts run in their own session: never our group
+                _signal_group(pgid, signal.SIGKILL)
+                killed = True
+    return killed
+
+
+def _carries(pid: int, entry: bytes) -> bool:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
-    if f"PRVNG_ATTEMPT_ID={attempt_id}".encode() not in environ.split(b"\0"):
-        return False
-    _signal_group(pid, signal.SIGKILL)
-    return True
+    return entry in environ.split(b"\0")

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import signal
 import socket
 from collections.abc import Callable, Generator, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import psutil
@@ -24,7 +22,7 @@ from fastapi import FastAPI
 from provisioning.core.errors import ConfigError
 from provisioning.core.logging import get_logger
 
-__all__ = ["PidFile", "Service", "bind_socket", "run_services"]
+__all__ = ["Service", "bind_socket", "run_services"]
 
 log = get_logger("platform")
 
@@ -142,43 +140,3 @@ async def run_services(
             sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-class PidFile:
-    """``<home>/run/platform.pid``: which process runs the platform of this data dir."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "platform.pid"
-
-    def read(self) -> int | None:
-        """The pid of a live platform process, or None (a stale file is ignored)."""
-        try:
-            pid = int(self.path.read_text(encoding="utf-8").split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        if not psutil.pid_exists(pid):
-            return None
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return None
-        return pid
-
-    def claim(self) -> None:
-        """Write our pid.
-
-        Raises:
-            ConfigError: another live process already runs the platform of this data dir.
-        """
-        other = self.read()
-        if other is not None and other != os.getpid():
-            raise ConfigError(
-                f"the platform of this data dir already runs as pid {other}; "
-                "`prvng platform stop` stops it"
-            )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(f"{os.getpid()}\n", encoding="utf-8")
-
-    def release(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.read() in (None, os.getpid()):
-                self.path.unlink()

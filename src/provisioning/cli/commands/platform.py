@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psutil
 import typer
@@ -18,11 +18,12 @@ from provisioning import __version__
 from provisioning.cli.output import console, err_console, render
 from provisioning.cli.state import run, state_of
 from provisioning.core.errors import OperationFailed, ProvisioningError, Unreachable
-from provisioning.core.logging import configure_logging
 from provisioning.core.settings import Settings
-from provisioning.orchestrator.app import OrchestratorService
 from provisioning.orchestrator.client import OrchestratorClient
-from provisioning.platform.supervisor import PidFile, Service, run_services
+from provisioning.platform.pidfile import PidFile
+
+if TYPE_CHECKING:
+    from provisioning.platform.supervisor import Service
 
 app = typer.Typer(
     help="Start, stop and inspect the platform on this machine.", no_args_is_help=True
@@ -64,9 +65,15 @@ def start(
     if background:
         _start_background(settings, host, port)
         return
+    # Imported here: the server stack is heavy and every other command must start fast.
+    from provisioning.core.logging import configure_logging
+    from provisioning.orchestrator.app import OrchestratorService
+    from provisioning.platform.supervisor import run_services
+
     configure_logging(settings.log.level, settings.log.format)
     pidfile = PidFile(settings.run_dir)
-    pidfile.claim()
+    o = settings.orchestrator
+    pidfile.claim(url=f"http://{_client_host(o.host)}:{o.port}" if o.port else None)
     try:
         worker = settings.orchestrator.worker_id or "embedded"
         services: list[Service] = [OrchestratorService(settings, worker_id=worker)]

@@ -9,9 +9,6 @@ import typer
 
 from provisioning.cli.output import console
 from provisioning.cli.state import run, state_of
-from provisioning.core.logging import configure_logging
-from provisioning.orchestrator.app import OrchestratorService
-from provisioning.platform.supervisor import run_services
 
 app = typer.Typer(help="Run one platform service alone in this process.", no_args_is_help=True)
 
@@ -59,6 +56,10 @@ def orchestrator(
         },
         state={"url": state_url},
     )
+    from provisioning.core.logging import configure_logging
+    from provisioning.orchestrator.app import OrchestratorService
+    from provisioning.platform.supervisor import run_services
+
     configure_logging(settings.log.level, settings.log.format)
     svc = OrchestratorService(settings, worker_id=settings.orchestrator.worker_id or None)
     run(

@@ -10,8 +10,6 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
@@ -26,6 +24,9 @@ async def upgrade(db: Database, script_location: Path, version_table: str) -> No
     Raises:
         sqlalchemy.exc.SQLAlchemyError: the database refused a migration step.
     """
+
+    from alembic import command  # heavy: imported only when a service starts
+    from alembic.config import Config
 
     def _run(conn: Connection) -> None:
         if db.dialect == "postgresql":
