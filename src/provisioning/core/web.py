@@ -78,7 +78,8 @@ def _field(e: Any) -> dict[str, str]:
         at = f" at character {loc[1]}" if len(loc) > 1 else ""
         reason = (e.get("ctx") or {}).get("error", e.get("msg"))
         return {"field": where, "in": where, "message": f"malformed JSON{at}: {reason}"}
-    return {"field": _loc(loc[1:] or loc), "in": where, "message": str(e.get("msg"))}
+    message = str(e.get("msg")).removeprefix("Value error, ")
+    return {"field": _loc(loc[1:] or loc), "in": where, "message": message}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -128,6 +128,19 @@ class TaskSpec(_Model):
     def _one_of_command_or_action(self) -> TaskSpec:
         if (self.command is None) == (self.action is None):
             raise ValueError(f"task {self.name!r}: give exactly one of `command` or `action`")
+        if self.action == "sleep":
+            seconds = self.args.get("seconds", 1)
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+                raise ValueError(
+                    f"task {self.name!r}: args.seconds of action sleep must be a number >= 0"
+                )
+        if self.action == "fail" and not isinstance(self.args.get("message", ""), str):
+            raise ValueError(f"task {self.name!r}: args.message of action fail must be a string")
+        for key in self.env:
+            if not key or "=" in key:
+                raise ValueError(
+                    f"task {self.name!r}: env name {key!r} is not valid (empty or contains '=')"
+                )
         return self
 
     def dependencies(self) -> list[Dependency]:

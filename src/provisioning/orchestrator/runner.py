@@ -151,6 +151,12 @@ class AttemptRunner:
         timeout = float(claim.spec.get("timeout_s", 300))
         cwd = claim.spec.get("cwd") or None
         log.write("system", f"{claim.phase} attempt {claim.attempt}: {_show(argv)}")
+        if cwd is not None and not Path(cwd).is_dir():
+            msg = f"working directory {cwd!r} does not exist"
+            log.write("system", msg)
+            return Result(
+                claim.task_id, claim.attempt, claim.phase, ok=False, exit_code=127, error=msg
+            )
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
