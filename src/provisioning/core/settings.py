@@ -21,6 +21,7 @@ from provisioning.core.errors import ConfigError
 from provisioning.core.nickel import contract, evaluate_file
 
 __all__ = [
+    "ControlCenterSettings",
     "LogSettings",
     "NatsSettings",
     "OrchestratorSettings",
@@ -89,6 +90,34 @@ class OrchestratorSettings(_Section):
     )
 
 
+class ControlCenterSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the control center binds to.")
+    port: int = Field(8081, ge=0, le=65535, description="Port of the control center.")
+    issuer: str = Field("prvng-control-center", description="`iss` of the access tokens.")
+    audience: str = Field("prvng", description="`aud` of the access tokens.")
+    access_ttl_s: float = Field(900, gt=0, le=86400, description="Life of an access token.")
+    refresh_idle_s: float = Field(
+        7 * 86400, gt=0, description="A refresh token unused this long expires (idle timeout)."
+    )
+    refresh_absolute_s: float = Field(
+        30 * 86400, gt=0, description="A login expires this long after it began, whatever use."
+    )
+    key_overlap_s: float = Field(
+        1800, gt=0, description="How long a rotated-out signing key stays in the JWKS."
+    )
+    admin_password: str = Field(
+        "",
+        description="Password of the first `admin` (PRVNG_CONTROL_CENTER__ADMIN_PASSWORD); "
+        "empty generates one and prints it once.",
+        repr=False,
+    )
+    url: str = Field(
+        "",
+        description="URL other services use to reach the control center (JWKS, API keys); "
+        "empty: http://host:port.",
+    )
+
+
 class Settings(_Section):
     """Every setting of the platform; one section per service."""
 
@@ -97,6 +126,7 @@ class Settings(_Section):
     state: StateSettings = Field(default_factory=StateSettings)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     orchestrator: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
+    control_center: ControlCenterSettings = Field(default_factory=ControlCenterSettings)
 
     @property
     def config_file(self) -> Path:
@@ -145,14 +175,22 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
         section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
         if section not in Settings.model_fields or not key:
             continue
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "url":
-            value = raw
+        value: Any = raw
+        if not _is_text_field(section, key):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw
         layer.setdefault(section, {})[key] = value
+    if "PRVNG_ADMIN_PASSWORD" in env:
+        layer.setdefault("control_center", {})["admin_password"] = env["PRVNG_ADMIN_PASSWORD"]
     return layer
+
+
+def _is_text_field(section: str, key: str) -> bool:
+    model = Settings.model_fields[section].annotation
+    fields = getattr(model, "model_fields", {})
+    return key in fields and fields[key].annotation is str
 
 
 def _describe(err: PydanticValidationError, sources: dict[str, str]) -> str:
