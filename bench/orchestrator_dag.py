@@ -70,13 +70,13 @@ async def run_engine(spec_doc: dict[str, Any], parallel: int, home: Path, sync: 
     spec = WorkflowSpec.model_validate(spec_doc)
     t0 = time.perf_counter()
     wf_id, _ = await engine.submit(spec)
-    while True:
-        doc = await store.get_workflow(wf_id, with_tasks=False)
-        if doc["status"] in ("Completed", "Failed", "RolledBack", "Cancelled"):
+    while True:  # a cheap poll, so the measuring does not slow what it measures
+        status = await store.workflow_status(wf_id)
+        if status in ("Completed", "Failed", "RolledBack", "Cancelled"):
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - t0
-    assert doc["status"] == "Completed", doc
+    assert status == "Completed", status
     await engine.stop()
     await db.close()
     return elapsed

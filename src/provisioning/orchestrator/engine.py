@@ -208,18 +208,27 @@ class Engine:
 
     async def _turn(self) -> datetime | None:
         self._wake.clear()
-        await self._flush()
-        # Attempts that ended during the flush still hold their slot until their end is
-        # recorded: the store counts them Running, and a crash now would re-run them.
-        free = self.settings.max_parallel - len(self._running) - len(self._results)
+        results, self._results = self._results, []
+        pids, self._pids = self._pids, []
+        # The results taken here are recorded before the claim, in the same transaction, so
+        # their slots are free; attempts ending meanwhile are still in _running or _results
+        # and keep theirs (the store counts them Running until recorded).
+        free = self.settings.max_parallel - len(self._running)
         limits = Limits(
             free_slots=free,
             key_limits=self.settings.concurrency_limits,
             default_key_limit=self.settings.default_key_limit,
         )
-        claims, next_at = await self.store.claim(
-            self.worker_id, limits, self.settings.lease_s, self.logs_dir
-        )
+        try:
+            claims, next_at = await self.store.turn(
+                results, pids, self.worker_id, limits, self.settings.lease_s, self.logs_dir
+            )
+        except BaseException:
+            self._results[:0] = results
+            self._pids[:0] = pids
+            raise
+        for res in results:
+            self._claims.pop(res.task_id, None)
         for claim in claims:
             self._launch(claim)
         return next_at

@@ -22,12 +22,20 @@ __all__ = [
     "status_counts",
     "task_log_paths",
     "task_status",
+    "workflow_status",
 ]
 
 
 def find_by_idempotency_key(conn: Connection, key: str) -> str | None:
     row = conn.execute(select(workflows.c.id).where(workflows.c.idempotency_key == key)).first()
     return None if row is None else str(row.id)
+
+
+def workflow_status(conn: Connection, wf_id: str) -> str:
+    row = conn.execute(select(workflows.c.status).where(workflows.c.id == wf_id)).first()
+    if row is None:
+        raise NotFound(f"workflow {wf_id} not found", workflow_id=wf_id)
+    return str(row.status)
 
 
 def get_workflow(conn: Connection, wf_id: str, with_tasks: bool) -> dict[str, Any]:

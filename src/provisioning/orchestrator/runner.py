@@ -14,6 +14,8 @@ import json
 import os
 import re
 import signal
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from provisioning.orchestrator.store import Claim, Result
 __all__ = ["AttemptRunner", "LogWriter", "input_env_name"]
 
 _READ_LIMIT = 1024 * 1024
+_MADE_DIRS: set[Path] = set()  # log folders known to exist (bounded by workflows run here)
 _DRAIN_AFTER_EXIT_S = 0.5
 
 
@@ -37,7 +40,11 @@ class LogWriter:
     """Appends numbered JSON lines to an attempt's log file and wakes followers."""
 
     def __init__(self, path: Path, notify: Callable[[], None]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in _MADE_DIRS:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if len(_MADE_DIRS) > 10000:
+                _MADE_DIRS.clear()
+            _MADE_DIRS.add(path.parent)
         self.path = path
         self._fh: IO[str] = path.open("a", encoding="utf-8")
         self._n = 0
@@ -61,6 +68,68 @@ class _Proc:
     cancel_requested: bool = False
 
 
+def _use_pidfd_child_watcher() -> None:
+    # Python 3.11 waits for every child in a thread of its own (ThreadedChildWatcher): starting
+    # that thread blocks the loop, which halved task throughput here. A pidfd watcher waits in
+    # the event loop itself. 3.12+ does this by default (and deprecates choosing); the stdlib's
+    # 3.11 PidfdChildWatcher is tied to one loop, so this one uses whichever loop spawns.
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if not isinstance(asyncio.get_child_watcher(), _PidfdWatcher):
+            asyncio.set_child_watcher(_PidfdWatcher())
+
+
+class _PidfdWatcher(asyncio.AbstractChildWatcher):
+    """Child watcher on pidfds, for the event loop running when the child is added."""
+
+    def __init__(self) -> None:
+        self._callbacks: dict[int, tuple[asyncio.AbstractEventLoop, int, Any, tuple[Any, ...]]] = {}
+
+    def add_child_handler(self, pid: int, callback: Any, *args: Any) -> None:  # type: ignore[override]
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        loop.add_reader(pidfd, self._do_wait, pid)
+        self._callbacks[pid] = (loop, pidfd, callback, args)
+
+    def remove_child_handler(self, pid: int) -> bool:
+        entry = self._callbacks.pop(pid, None)
+        if entry is None:
+            return False
+        loop, pidfd, _cb, _args = entry
+        with contextlib.suppress(Exception):
+            loop.remove_reader(pidfd)
+        os.close(pidfd)
+        return True
+
+    def _do_wait(self, pid: int) -> None:
+        loop, pidfd, callback, args = self._callbacks.pop(pid)
+        loop.remove_reader(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = 255
+        os.close(pidfd)
+        callback(pid, code, *args)
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_active(self) -> bool:
+        return True
+
+    def __enter__(self) -> _PidfdWatcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        pass
+
+
 class AttemptRunner:
     """Runs claims; one instance per engine."""
 
@@ -75,6 +144,7 @@ class AttemptRunner:
         self._on_pid = on_pid
         self._notify_log = notify_log
         self._procs: dict[str, _Proc] = {}
+        _use_pidfd_child_watcher()
 
     def running(self) -> list[str]:
         return list(self._procs)
@@ -131,7 +201,7 @@ class AttemptRunner:
         return Result(claim.task_id, claim.attempt, claim.phase, ok=True, exit_code=0, outputs={})
 
     async def _process(self, claim: Claim, argv: list[str], log: LogWriter, entry: _Proc) -> Result:
-        out_path = log.path.with_suffix(".out.jsonl")
+        out_path = log.path.with_suffix(".out.jsonl")  # <task>.<n>.out.jsonl
         env = dict(os.environ)
         env.update(claim.spec.get("env") or {})
         env.update(

@@ -85,6 +85,14 @@ class WorkflowStore:
             partial(queries.get_workflow, wf_id=workflow_id, with_tasks=with_tasks)
         )
 
+    async def workflow_status(self, workflow_id: str) -> str:
+        """Just the status (cheap: for pollers).
+
+        Raises:
+            NotFound: no workflow has this id.
+        """
+        return await self.db.run_read(partial(queries.workflow_status, wf_id=workflow_id))
+
     async def list_workflows(
         self,
         *,
@@ -165,6 +173,26 @@ class WorkflowStore:
                 now=utcnow(),
             )
         )
+
+    async def turn(
+        self,
+        results: Sequence[Result],
+        pids: Sequence[tuple[str, int]],
+        worker: str,
+        limits: Limits,
+        lease_s: float,
+        log_dir: Path,
+    ) -> tuple[list[Claim], datetime | None]:
+        """One scheduler turn in one transaction: record ended attempts (and the pids of
+        started ones) with all their consequences, then claim within the limits."""
+        now = utcnow()
+        dialect = self.db.dialect
+
+        def body(conn: Connection) -> tuple[list[Claim], datetime | None]:
+            transitions.finish(conn, results, worker, pids, now, self.rng)
+            return transitions.claim(conn, dialect, worker, limits, lease_s, log_dir, now)
+
+        return await self.db.run_write(body)
 
     async def finish(
         self,

@@ -264,7 +264,8 @@ def _start(
     for r in rows:
         number = int(r.attempt_seq) + 1
         attempt_id = str(uuid.uuid4())
-        log_path = log_dir / r.workflow_id / r.id / f"{number}.log"
+        # One folder per workflow: a folder per task costs a mkdir per task on the hot path.
+        log_path = log_dir / r.workflow_id / f"{r.id}.{number}.log"
         task_updates.append(
             {
                 "b_id": r.id,
