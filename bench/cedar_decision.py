@@ -4,7 +4,8 @@ same process.
 ``Authorizer.decide`` keeps the policy set and the schema parsed; per decision it builds and
 parses only the request's few entities (user, object, environment). The baseline is what a
 straightforward use of cedarpy does: ``cedarpy.is_authorized`` with the policy text, the schema
-text and the entity list, all parsed again on every call. Both answer the same mix of requests
+text and the entity list, all parsed again on every call (a third row parses only the policy
+text per call, to show what parsing the policies alone costs). Both answer the same mix of requests
 (every default role, every action, own / other's object, an MFA environment, a scoped key) and
 must agree on every answer.
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 import cedarpy
 
-from provisioning.control_center.rbac import (
+from provisioning.core.rbac import (
     ACTIONS,
     DEFAULT_POLICY_FILE,
     ROLES,
@@ -50,7 +51,9 @@ def _cases(count: int) -> list[Case]:
         scopes = frozenset({"workflow:read", "task:read"}) if i % 10 == 0 else None
         who = Principal(f"u{i % 50}", frozenset({role}), mfa=i % 3 == 0, scopes=scopes)
         owner = who.user_id if rng.random() < 0.5 else "someone-else"
-        resource = Resource(rng.choice(types), f"obj-{i}", owner=owner, environment=rng.choice(envs))
+        resource = Resource(
+            rng.choice(types), f"obj-{i}", owner=owner, environment=rng.choice(envs)
+        )
         out.append((who, rng.choice(sorted(ACTIONS)), resource))
     return out
 
@@ -72,6 +75,7 @@ def _naive_request(case: Case) -> tuple[dict[str, object], list[dict[str, object
                 "requires_mfa": r.environment.requires_mfa,
                 "requires_approval": r.environment.requires_approval,
             },
+            "parents": [],
         },
         {
             "uid": {"type": r.type, "id": r.id},
@@ -79,10 +83,11 @@ def _naive_request(case: Case) -> tuple[dict[str, object], list[dict[str, object
                 "owner": {"__entity": {"type": "User", "id": r.owner}},
                 "environment": {"__entity": {"type": "Environment", "id": r.environment.id}},
             },
+            "parents": [],
         },
     ]
     scopes = sorted(who.scopes or ())
-    request = {
+    request: dict[str, object] = {
         "principal": f'User::"{who.user_id}"',
         "action": f'Action::"{action}"',
         "resource": f'{r.type}::"{r.id}"',
@@ -132,8 +137,15 @@ def main() -> None:
         request, entities = naive[i]
         return cedarpy.is_authorized(request, policy_text, entities, schema_text).allowed
 
+    schema = cedarpy.Schema.from_str(schema_text)
+
+    def text_only(i: int) -> bool:  # the policy text parsed per call, the schema once
+        request, entities = naive[i]
+        return cedarpy.is_authorized(request, policy_text, entities, schema).allowed
+
     fast_t, fast_a = _measure(fast, args.n)
     slow_t, slow_a = _measure(slow, args.baseline_n)
+    text_t, _ = _measure(text_only, args.baseline_n // 4)
     common = min(args.n, args.baseline_n)
     mismatches = sum(a != b for a, b in zip(fast_a[:common], slow_a[:common], strict=True))
 
@@ -143,12 +155,16 @@ def main() -> None:
 
     print(f"policies: {len(authz.policies)} (default set); allowed {sum(fast_a)}/{args.n}")
     print(
-        f"decide            n={args.n:>6}  p50 {_pct(fast_t, 0.5):8.1f} µs  "
+        f"decide             n={args.n:>6}  p50 {_pct(fast_t, 0.5):8.1f} µs  "
         f"p99 {_pct(fast_t, 0.99):8.1f} µs  mean {statistics.fmean(fast_t) * 1e6:8.1f} µs"
     )
     print(
         f"naive is_authorized n={args.baseline_n:>6}  p50 {_pct(slow_t, 0.5):8.1f} µs  "
         f"p99 {_pct(slow_t, 0.99):8.1f} µs  mean {statistics.fmean(slow_t) * 1e6:8.1f} µs"
+    )
+    print(
+        f"policy text only   n={args.baseline_n // 4:>6}  p50 {_pct(text_t, 0.5):8.1f} µs  "
+        f"p99 {_pct(text_t, 0.99):8.1f} µs  (schema pre-parsed: the cost of parsing policies)"
     )
     print(
         f"naive / decide: p50 x{_pct(slow_t, 0.5) / _pct(fast_t, 0.5):.1f}, "

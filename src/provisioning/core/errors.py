@@ -14,6 +14,7 @@ functions at the bottom turn a code into an HTTP status and a CLI exit code, so 
     ├── NotFound                   not_found           404  exit 1
     ├── Conflict                   conflict            409  exit 1
     │   └── InvalidState           invalid_state       409  exit 1
+    ├── RateLimited                rate_limited        429  exit 1
     ├── OperationFailed            operation_failed    500  exit 1
     ├── StoreError                 store_error         503  exit 1
     ├── Unreachable                unreachable         503  exit 3
@@ -38,6 +39,7 @@ __all__ = [
     "NotFound",
     "OperationFailed",
     "ProvisioningError",
+    "RateLimited",
     "StoreError",
     "Unauthorized",
     "Unreachable",
@@ -124,6 +126,13 @@ class InvalidState(Conflict):
     """The object is not in a state that allows this action; see its status."""
 
     code = "invalid_state"
+
+
+class RateLimited(ProvisioningError):
+    """Too many attempts; wait the number of seconds in `Retry-After` and try again."""
+
+    code = "rate_limited"
+    http_status = 429
 
 
 class OperationFailed(ProvisioningError):

@@ -39,8 +39,15 @@ def envelope(data: Any, status: int = 200) -> JSONResponse:
 
 def error_response(err: ProvisioningError) -> JSONResponse:
     """An error answer with the status mapped from the error's code."""
+    headers = {}
+    if err.http_status == 429 and "retry_after" in err.details:
+        headers["Retry-After"] = str(err.details["retry_after"])
+    if err.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
-        {"success": False, "error": jsonable_encoder(err.to_wire())}, status_code=err.http_status
+        {"success": False, "error": jsonable_encoder(err.to_wire())},
+        status_code=err.http_status,
+        headers=headers,
     )
 
 

@@ -1,0 +1,71 @@
+"""Wire models of the control center API (what clients send)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ApiKeyCreate",
+    "AuthzCheck",
+    "AuthzResource",
+    "LoginRequest",
+    "LogoutRequest",
+    "MfaConfirm",
+    "RefreshRequest",
+    "UserCreate",
+    "UserUpdate",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginRequest(_Model):
+    username: str = Field(min_length=1, max_length=256)
+    password: str = Field(min_length=1, max_length=4096, repr=False)
+    mfa_code: str | None = Field(None, max_length=16)
+
+
+class RefreshRequest(_Model):
+    refresh_token: str = Field(min_length=1, max_length=512, repr=False)
+
+
+class LogoutRequest(_Model):
+    refresh_token: str | None = Field(None, max_length=512, repr=False)
+
+
+class MfaConfirm(_Model):
+    code: str = Field(min_length=6, max_length=16)
+
+
+class UserCreate(_Model):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=4096, repr=False)
+    roles: list[str] = Field(default_factory=list, max_length=20)
+
+
+class UserUpdate(_Model):
+    roles: list[str] | None = Field(None, max_length=20)
+    disabled: bool | None = None
+    password: str | None = Field(None, min_length=1, max_length=4096, repr=False)
+    end_sessions: bool | None = Field(None, description="Log this user out everywhere.")
+
+
+class ApiKeyCreate(_Model):
+    name: str = Field(min_length=1, max_length=100)
+    scopes: list[str] = Field(
+        default_factory=list, max_length=64, description="Empty: all the owner may do."
+    )
+    expires_in_days: float | None = Field(None, gt=0, le=3650)
+
+
+class AuthzResource(_Model):
+    type: str = Field("Platform", max_length=40)
+    id: str = Field("platform", max_length=200)
+    owner: str | None = Field(None, max_length=200)
+
+
+class AuthzCheck(_Model):
+    action: str = Field(min_length=1, max_length=100)
+    resource: AuthzResource = Field(default_factory=AuthzResource)

@@ -1,0 +1,109 @@
+"""Wiring of the control center service: store, keys, policies, identity, HTTP app."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from provisioning import __version__
+from provisioning.control_center.audit_log import AuditEvent
+from provisioning.control_center.routes import actor_of, build_router
+from provisioning.control_center.service import IdentityService
+from provisioning.core.auth import Authenticator, Guard, Identity
+from provisioning.core.rbac import Authorizer
+from provisioning.core.settings import Settings
+from provisioning.core.signing import KeyRing, StaticJwks, TokenVerifier
+from provisioning.core.store import Database, open_database
+from provisioning.core.web import BodyLimitMiddleware, install_error_handlers
+
+__all__ = ["ControlCenterService"]
+
+
+class ControlCenterService:
+    """The control center as one unit the supervisor (or a test) starts and stops.
+
+    It also owns the platform's identity plumbing: :attr:`guard` is what every other service
+    of the embedded platform uses to authenticate and authorize its requests.
+    """
+
+    name = "control-center"
+
+    def __init__(self, settings: Settings, *, db: Database | None = None) -> None:
+        self.settings = settings
+        self._own_db = db is None
+        self.db: Database = db or open_database(
+            settings.state_url, sqlite_synchronous=settings.state.sqlite_synchronous
+        )
+        cc = settings.control_center
+        self.ring = KeyRing(settings.home / "keys" / "control-center")
+        self.authorizer = Authorizer([settings.home / "config" / "policies"])
+        self.identity = IdentityService(self.db, cc, self.ring, self.authorizer)
+        self.verifier = TokenVerifier(StaticJwks(self.ring), audience=cc.audience, issuer=cc.issuer)
+        self.authenticator = Authenticator(self.verifier, self.identity)
+        self.guard = Guard(
+            self.authenticator, self.authorizer, audit=self.audit_hook("control-center")
+        )
+        self.admin_password: str | None = None
+        self.app = self._build_app()
+
+    @property
+    def host(self) -> str:
+        return self.settings.control_center.host
+
+    @property
+    def port(self) -> int:
+        return self.settings.control_center.port
+
+    def audit_hook(self, service: str) -> Any:
+        """The denial recorder other services of this process use."""
+
+        async def hook(
+            request: Request,
+            who: Identity | None,
+            action: str,
+            result: str,
+            details: dict[str, Any],
+        ) -> None:
+            actor = actor_of(request, who)
+            await self.identity.audit(
+                AuditEvent(
+                    action=action,
+                    result=result,  # type: ignore[arg-type]
+                    actor=who.username if who else None,
+                    actor_type=who.kind if who else "anonymous",  # type: ignore[arg-type]
+                    object_type=details.pop("object_type", None),
+                    object_id=details.pop("object", None),
+                    source=actor.source,
+                    request_id=actor.request_id,
+                    service=service,
+                    details={"method": request.method, "path": request.url.path, **details},
+                )
+            )
+
+        return hook
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(
+            title="Provisioning control center",
+            version=__version__,
+            description="Identity (login, tokens, users, API keys), access control (Cedar) "
+            "and the audit log. Answers use the `{success, data}` envelope.",
+        )
+        install_error_handlers(app)
+        app.include_router(build_router(self.identity, self.guard, time.monotonic()))
+        app.add_middleware(BodyLimitMiddleware, max_bytes=1024 * 1024)
+        return app
+
+    async def start(self) -> None:
+        """Migrate, make sure a signing key exists, create the first admin on first run."""
+        await self.identity.migrate()
+        self.ring.load_or_create()
+        self.admin_password = await self.identity.bootstrap_admin(
+            self.settings.control_center.admin_password
+        )
+
+    async def stop(self) -> None:
+        if self._own_db:
+            await self.db.close()

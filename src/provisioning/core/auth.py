@@ -1,0 +1,286 @@
+"""Authentication and authorization for every HTTP service: one middleware, one guard.
+
+Who is asking (:class:`Authenticator`):
+
+* ``Authorization: Bearer <access JWT>`` — verified locally against the control center's key
+  set (``core.signing.TokenVerifier``: EdDSA only, known ``kid``, ``exp``/``aud``), then checked
+  against the revocation state of its user (disabled, or sessions ended after the token was
+  issued) which the :class:`IdentityProvider` keeps.
+* ``Authorization: Bearer prvng_<id>_<secret>`` or ``X-API-Key: prvng_…`` — an API key, checked
+  by the control center through the :class:`IdentityProvider`; answers are cached briefly
+  (``api_key_cache_s``), keyed by a hash of the key.
+
+What they may do (:class:`Guard`): each route declares its action (``guard.require("workflow:
+create")``); Cedar decides (``core.rbac.Authorizer``). ``/health`` and ``/metrics`` never ask.
+Objects of other owners answer 404, not 403 (:meth:`Guard.check_object`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import Request
+
+from provisioning.core.errors import Forbidden, NotFound, Unauthorized
+from provisioning.core.rbac import Authorizer, Principal, Resource
+from provisioning.core.signing import TokenVerifier
+
+__all__ = [
+    "AuditHook",
+    "Authenticator",
+    "Guard",
+    "Identity",
+    "IdentityProvider",
+]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An authenticated caller."""
+
+    subject: str  # user id
+    username: str
+    roles: tuple[str, ...]
+    kind: str  # "user" (access token) | "apikey"
+    mfa: bool = False
+    scopes: tuple[str, ...] | None = None
+    key_id: str | None = None
+    issued_at: float | None = None
+    session: str | None = None  # refresh-token family of a login
+
+    def principal(self) -> Principal:
+        return Principal(
+            self.subject,
+            roles=frozenset(self.roles),
+            mfa=self.mfa,
+            scopes=None if self.scopes is None else frozenset(self.scopes),
+        )
+
+    def public(self) -> dict[str, Any]:
+        """What ``whoami`` shows."""
+        return {
+            "id": self.subject,
+            "username": self.username,
+            "roles": list(self.roles),
+            "kind": self.kind,
+            "mfa": self.mfa,
+            "scopes": None if self.scopes is None else list(self.scopes),
+            "key_id": self.key_id,
+        }
+
+
+class IdentityProvider(Protocol):
+    """What a service asks the control center about credentials it cannot check alone.
+
+    Contract: :meth:`api_key` returns the key owner's identity with the key's scopes, or raises
+    ``Unauthorized`` (malformed, unknown, revoked, expired key, or disabled owner — one
+    message for all). :meth:`revoked` is True when the user is disabled, unknown, or its
+    sessions were ended after ``issued_at``; it must reflect a change on the next request in
+    the embedded platform and within a couple of seconds across processes.
+    """
+
+    async def api_key(self, key: str) -> Identity: ...
+
+    async def revoked(self, user_id: str, issued_at: float | None) -> bool: ...
+
+
+AuditHook = Callable[[Request, Identity | None, str, str, dict[str, Any]], Awaitable[None]]
+"""``(request, identity, action, result, details)`` — records a denial in the audit log."""
+
+
+@dataclass
+class Authenticator:
+    verifier: TokenVerifier
+    provider: IdentityProvider
+    api_key_cache_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _keys: dict[str, tuple[float, Identity]] = field(default_factory=dict)
+
+    async def authenticate(self, request: Request) -> Identity | None:
+        """The caller, None when the request carries no credentials.
+
+        Raises:
+            Unauthorized: credentials are present and not valid.
+        """
+        header = request.headers.get("authorization")
+        api_key = request.headers.get("x-api-key")
+        if header is not None:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise Unauthorized("Authorization must be 'Bearer <token or API key>'")
+            value = value.strip()
+            if value.startswith("prvng_"):
+                api_key = value
+            else:
+                return await self._token(value)
+        if api_key is not None:
+            return await self._api_key(api_key)
+        return None
+
+    async def _token(self, token: str) -> Identity:
+        claims = await self.verifier.verify(token)
+        roles = claims.get("roles")
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise Unauthorized("token rejected: roles claim missing")
+        identity = Identity(
+            subject=str(claims["sub"]),
+            username=str(claims.get("name") or claims["sub"]),
+            roles=tuple(roles),
+            kind="user",
+            mfa=bool(claims.get("mfa", False)),
+            issued_at=float(claims["iat"]),
+            session=str(claims["sid"]) if claims.get("sid") else None,
+        )
+        if await self.provider.revoked(identity.subject, identity.issued_at):
+            raise Unauthorized("session ended (logged out, user disabled or password changed)")
+        return identity
+
+    async def _api_key(self, key: str) -> Identity:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        now = self.clock()
+        hit = self._keys.get(digest)
+        if hit is not None and hit[0] > now:
+            identity = hit[1]
+            if await self.provider.revoked(identity.subject, None):
+                self._keys.pop(digest, None)
+                raise Unauthorized("API key is not valid")
+            return identity
+        identity = await self.provider.api_key(key)
+        if len(self._keys) > 10000:
+            self._keys.clear()
+        self._keys[digest] = (now + self.api_key_cache_s, identity)
+        return identity
+
+    def forget_key(self, key_id: str) -> None:
+        """Drop cached answers for a key (after its revocation, in this process)."""
+        for digest, (_exp, ident) in list(self._keys.items()):
+            if ident.key_id == key_id:
+                self._keys.pop(digest, None)
+
+
+class Guard:
+    """Route-level authorization: ``Depends(guard.require("workflow:read"))``."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator | None,
+        authorizer: Authorizer,
+        *,
+        audit: AuditHook | None = None,
+    ) -> None:
+        self.authenticator = authenticator  # None: authentication disabled (bench, dev only)
+        self.authorizer = authorizer
+        self.audit = audit
+
+    def require(self, action: str) -> Callable[[Request], Awaitable[Identity]]:
+        async def dependency(request: Request) -> Identity:
+            return await self.check(request, action)
+
+        dependency.__name__ = f"require_{action.replace(':', '_')}"
+        return dependency
+
+    def authenticated(self) -> Callable[[Request], Awaitable[Identity]]:
+        """Any valid credentials, whatever their scopes (whoami, logout, MFA enrolment)."""
+
+        async def dependency(request: Request) -> Identity:
+            found = (
+                _ANONYMOUS_ADMIN
+                if self.authenticator is None
+                else await self.authenticator.authenticate(request)
+            )
+            if found is None:
+                raise Unauthorized(
+                    "authentication required: log in with `prvng login` or send an API key"
+                )
+            request.state.identity = found
+            return found
+
+        return dependency
+
+    async def check(self, request: Request, action: str) -> Identity:
+        """Authenticate and authorize ``action`` on the platform (collection level).
+
+        Raises:
+            Unauthorized: no or bad credentials.
+            Forbidden: Cedar denies; the message names the action.
+        """
+        found = (
+            _ANONYMOUS_ADMIN
+            if self.authenticator is None
+            else await self.authenticator.authenticate(request)
+        )
+        if found is None:
+            raise Unauthorized(
+                "authentication required: log in with `prvng login` or send an API key"
+            )
+        identity = found
+        request.state.identity = identity
+        decision = self.authorizer.decide(identity.principal(), action, Resource.platform())
+        if not decision.allowed and not self._owner_scoped(identity, action):
+            if self.audit is not None:
+                await self.audit(
+                    request, identity, action, "denied", {"policies": decision.policies}
+                )
+            raise Forbidden(f"{identity.username} may not {action}", action=action)
+        return identity
+
+    def _owner_scoped(self, identity: Identity, action: str) -> bool:
+        # Actions a role may do on its own objects only are allowed at collection level; the
+        # object check (check_object) then decides per object.
+        probe = Resource(_type_of(action), "__own__", owner=identity.subject)
+        return self.authorizer.decide(identity.principal(), action, probe).allowed
+
+    def allows(self, identity: Identity, action: str, resource: Resource) -> bool:
+        return self.authorizer.decide(identity.principal(), action, resource).allowed
+
+    async def check_object(
+        self, request: Request, identity: Identity, action: str, resource: Resource
+    ) -> None:
+        """Authorize ``action`` on one object; another's object the caller may not see is 404.
+
+        Raises:
+            NotFound: the caller may not even read the object.
+            Forbidden: the caller may read it but not do ``action``.
+        """
+        if self.allows(identity, action, resource):
+            return
+        read_action = action.split(":")[0] + ":read"
+        if (
+            read_action != action
+            and read_action in _known_actions()
+            and self.allows(identity, read_action, resource)
+        ):
+            if self.audit is not None:
+                await self.audit(request, identity, action, "denied", {"object": resource.id})
+            raise Forbidden(f"{identity.username} may not {action} {resource.type} {resource.id}")
+        raise NotFound(f"{resource.type.lower()} {resource.id} not found")
+
+
+_ANONYMOUS_ADMIN = Identity("auth-disabled", "auth-disabled", ("admin",), "user", mfa=True)
+
+_TYPES = {
+    "workflow": "Workflow",
+    "task": "Task",
+    "ops": "Operation",
+    "user": "User",
+    "role": "Role",
+    "apikey": "ApiKey",
+    "server": "Server",
+    "taskserv": "Taskserv",
+    "cluster": "Cluster",
+    "extension": "Extension",
+}
+
+
+def _type_of(action: str) -> str:
+    return _TYPES.get(action.split(":")[0], "Platform")
+
+
+def _known_actions() -> frozenset[str]:
+    from provisioning.core.rbac import ACTIONS
+
+    return frozenset(ACTIONS)
