@@ -230,7 +230,7 @@ class AttemptRunner:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=_devnull(),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
@@ -295,6 +295,16 @@ class AttemptRunner:
         return Result(
             claim.task_id, claim.attempt, claim.phase, ok=False, exit_code=code, error=error
         )
+
+
+_DEVNULL: list[int] = []
+
+
+def _devnull() -> int:
+    # One /dev/null for every child's stdin: opening it per spawn is a syscall on the hot path.
+    if not _DEVNULL:
+        _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    return _DEVNULL[0]
 
 
 def _show(argv: list[str]) -> str:
