@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from provisioning.core.auth import Guard
+from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings, load_settings
 from provisioning.orchestrator.app import OrchestratorService
 
@@ -68,6 +70,11 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+def open_guard() -> Guard:
+    """Authentication off: for tests of the engine and API semantics, not of access control."""
+    return Guard(None, Authorizer())
+
+
 def make_settings(home: Path, state_url: str = "", **orchestrator: Any) -> Settings:
     """Settings for tests: fast polling and leases, a free port, no environment."""
     orch = {"poll_interval_s": 0.05, "lease_s": 3.0, "kill_grace_s": 1.0, "port": free_port()}
@@ -89,7 +96,9 @@ async def make_service(tmp_path: Path, state_url: str) -> AsyncIterator[Callable
 
     async def factory(worker_id: str = "test-worker", **orchestrator: Any) -> OrchestratorService:
         svc = OrchestratorService(
-            make_settings(tmp_path / "home", state_url, **orchestrator), worker_id=worker_id
+            make_settings(tmp_path / "home", state_url, **orchestrator),
+            worker_id=worker_id,
+            guard=open_guard(),
         )
         await svc.start()
         started.append(svc)

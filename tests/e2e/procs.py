@@ -33,6 +33,8 @@ FAST_ENV = {
     "PRVNG_ORCHESTRATOR__KILL_GRACE_S": "1",
     "PRVNG_STATE__SQLITE_SYNCHRONOUS": "NORMAL",
     "PRVNG_LOG__LEVEL": "info",
+    # These tests are about crashes and leases, not access control (tests/e2e/test_auth*.py).
+    "PRVNG_ORCHESTRATOR__AUTH": "disabled",
 }
 
 

@@ -55,7 +55,14 @@ def orchestrator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     empty_path.mkdir()
     port = free_port()
     log = root / "server.log"
-    env = {**os.environ, "PATH": str(empty_path), "PRVNG_LOG__LEVEL": "error"}
+    # Authentication off so generated requests reach validation and the engine; access control
+    # has its own suites.
+    env = {
+        **os.environ,
+        "PATH": str(empty_path),
+        "PRVNG_LOG__LEVEL": "error",
+        "PRVNG_ORCHESTRATOR__AUTH": "disabled",
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [

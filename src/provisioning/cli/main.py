@@ -15,7 +15,7 @@ import typer
 from rich.text import Text
 
 from provisioning import __version__
-from provisioning.cli.commands import platform, serve, task, workflow
+from provisioning.cli.commands import identity, platform, serve, task, workflow
 from provisioning.cli.output import OutputFormat, err_console
 from provisioning.cli.state import CliState
 from provisioning.core.errors import NickelError, ProvisioningError
@@ -35,6 +35,14 @@ app.add_typer(platform.app, name="platform")
 app.add_typer(serve.app, name="serve")
 app.add_typer(workflow.app, name="workflow")
 app.add_typer(task.app, name="task")
+app.command("login")(identity.login)
+app.command("logout")(identity.logout)
+app.command("whoami")(identity.whoami)
+app.add_typer(identity.users_app, name="user")
+app.add_typer(identity.roles_app, name="role")
+app.add_typer(identity.keys_app, name="apikey")
+app.add_typer(identity.audit_app, name="audit")
+app.add_typer(identity.signing_app, name="keys")
 
 
 def _version(value: bool) -> None:
@@ -60,6 +68,15 @@ def _global(
             envvar="PRVNG_URL",
         ),
     ] = None,
+    cc: Annotated[
+        str | None,
+        typer.Option(
+            "--cc-url",
+            help="Control center URL; default from the running platform or the settings "
+            "(http://127.0.0.1:8081).",
+            envvar="PRVNG_CONTROL_CENTER_URL",
+        ),
+    ] = None,
     home: Annotated[
         Path | None,
         typer.Option(
@@ -72,7 +89,7 @@ def _global(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    ctx.obj = CliState(output=output, url=url, home=home)
+    ctx.obj = CliState(output=output, url=url, home=home, cc=cc)
 
 
 def main(argv: list[str] | None = None) -> int:

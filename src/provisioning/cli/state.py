@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 
 import typer
 
+from provisioning.cli.credentials import Credentials
 from provisioning.cli.output import OutputFormat
+from provisioning.control_center.client import ControlCenterClient
 from provisioning.core.settings import Settings, load_settings
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.platform.pidfile import PidFile
@@ -25,6 +27,7 @@ class CliState:
     output: OutputFormat
     url: str | None
     home: Path | None
+    cc: str | None = None
     _settings: Settings | None = None
 
     def settings(self, **overrides: Any) -> Settings:
@@ -46,8 +49,23 @@ class CliState:
         host = "127.0.0.1" if o.host in ("0.0.0.0", "::", "") else o.host
         return f"http://{host}:{o.port}"
 
+    def cc_url(self) -> str:
+        """``--cc-url``, else the URL the running platform recorded, else settings."""
+        if self.cc:
+            return self.cc.rstrip("/")
+        if recorded := PidFile(self.settings().run_dir).url(1):
+            return recorded
+        return self.settings().control_center_url
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.cc_url())
+
     def client(self) -> OrchestratorClient:
-        return OrchestratorClient(self.orchestrator_url())
+        return OrchestratorClient(self.orchestrator_url(), token=self.credentials().bearer_async)
+
+    def cc_client(self, token: str | None = None) -> ControlCenterClient:
+        """A control-center client; without ``token`` the stored login or API key is used."""
+        return ControlCenterClient(self.cc_url(), token=token)
 
 
 def state_of(ctx: typer.Context) -> CliState:

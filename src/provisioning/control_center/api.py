@@ -8,11 +8,13 @@ __all__ = [
     "ApiKeyCreate",
     "AuthzCheck",
     "AuthzResource",
+    "IntrospectRequest",
     "LoginRequest",
     "LogoutRequest",
     "MfaConfirm",
     "RefreshRequest",
     "UserCreate",
+    "UserStateRequest",
     "UserUpdate",
 ]
 
@@ -33,6 +35,14 @@ class RefreshRequest(_Model):
 
 class LogoutRequest(_Model):
     refresh_token: str | None = Field(None, max_length=512, repr=False)
+
+
+class IntrospectRequest(_Model):
+    api_key: str = Field(min_length=1, max_length=256, repr=False)
+
+
+class UserStateRequest(_Model):
+    user_id: str = Field(min_length=1, max_length=64)
 
 
 class MfaConfirm(_Model):

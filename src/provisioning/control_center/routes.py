@@ -14,11 +14,13 @@ from provisioning import __version__
 from provisioning.control_center.api import (
     ApiKeyCreate,
     AuthzCheck,
+    IntrospectRequest,
     LoginRequest,
     LogoutRequest,
     MfaConfirm,
     RefreshRequest,
     UserCreate,
+    UserStateRequest,
     UserUpdate,
 )
 from provisioning.control_center.service import Actor, IdentityService
@@ -82,6 +84,15 @@ def build_router(svc: IdentityService, guard: Guard, started: float) -> APIRoute
     @r.post("/auth/refresh", tags=["auth"], summary="Trade a refresh token for new tokens")
     async def refresh(body: RefreshRequest, request: Request) -> Response:
         return envelope(await svc.refresh(body.refresh_token, actor_of(request)))
+
+    @r.post("/auth/introspect", tags=["auth"], summary="Check an API key (for other services)")
+    async def introspect(body: IntrospectRequest, request: Request) -> Response:
+        who = await svc.api_key(body.api_key)
+        return envelope(who.public())
+
+    @r.post("/auth/user-state", tags=["auth"], summary="Revocation state of a user (services)")
+    async def user_state(body: UserStateRequest) -> Response:
+        return envelope(await svc.user_state(body.user_id))
 
     @r.post("/auth/logout", tags=["auth"], summary="End this login")
     async def logout(

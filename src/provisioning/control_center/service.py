@@ -28,6 +28,7 @@ from provisioning.core.auth import Identity
 from provisioning.core.errors import (
     Forbidden,
     InvalidState,
+    NotFound,
     RateLimited,
     Unauthorized,
     ValidationError,
@@ -483,6 +484,17 @@ class IdentityService:
         if disabled:
             return True
         return issued_at is not None and issued_at < valid_after_ts
+
+    async def user_state(self, user_id: str) -> dict[str, Any]:
+        """Disabled flag and the time before which its tokens are dead (for other services)."""
+        row = await self.db.run_read(
+            lambda c: c.execute(users.select().where(users.c.id == user_id)).first()
+        )
+        if row is None:
+            raise NotFound(f"user {user_id} not found")
+        valid_after = identity._utc(row.sessions_valid_after)
+        assert valid_after is not None
+        return {"disabled": bool(row.disabled), "sessions_valid_after": valid_after.timestamp()}
 
     # ------------------------------------------------------------------ audit
 

@@ -23,9 +23,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from starlette.responses import Response
 
 from provisioning.core.errors import Forbidden, NotFound, Unauthorized
+from provisioning.core.logging import get_logger
 from provisioning.core.rbac import Authorizer, Principal, Resource
 from provisioning.core.signing import TokenVerifier
 
@@ -35,7 +37,10 @@ __all__ = [
     "Guard",
     "Identity",
     "IdentityProvider",
+    "install_mutation_audit",
 ]
+
+log = get_logger("auth")
 
 
 @dataclass(frozen=True)
@@ -219,13 +224,17 @@ class Guard:
             )
         identity = found
         request.state.identity = identity
+        request.state.action = action
         decision = self.authorizer.decide(identity.principal(), action, Resource.platform())
         if not decision.allowed and not self._owner_scoped(identity, action):
             if self.audit is not None:
                 await self.audit(
                     request, identity, action, "denied", {"policies": decision.policies}
                 )
-            raise Forbidden(f"{identity.username} may not {action}", action=action)
+            who = identity.username
+            if identity.kind == "apikey":
+                who = f"API key prvng_{identity.key_id} of {identity.username}"
+            raise Forbidden(f"{who} may not {action}", action=action)
         return identity
 
     def _owner_scoped(self, identity: Identity, action: str) -> bool:
@@ -258,6 +267,38 @@ class Guard:
                 await self.audit(request, identity, action, "denied", {"object": resource.id})
             raise Forbidden(f"{identity.username} may not {action} {resource.type} {resource.id}")
         raise NotFound(f"{resource.type.lower()} {resource.id} not found")
+
+
+_MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def install_mutation_audit(app: FastAPI, guard: Guard, service: str) -> None:
+    """Record every mutating request of ``app`` (who, action, object, result) through the
+    guard's audit hook, after the response is known. Denials are recorded by the guard."""
+    if guard.audit is None:
+        return
+    hook = guard.audit
+
+    @app.middleware("http")
+    async def _audit(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        if request.method not in _MUTATING or response.status_code in (401, 403):
+            return response
+        action = getattr(request.state, "action", None) or f"{service}:{request.method.lower()}"
+        who = getattr(request.state, "identity", None)
+        result = "success" if response.status_code < 400 else "failure"
+        obj = request.path_params.get("workflow_id") or request.path_params.get("task_id")
+        details: dict[str, Any] = {"status": response.status_code}
+        if obj:
+            details["object"] = obj
+            details["object_type"] = "Workflow" if "workflow_id" in request.path_params else "Task"
+        try:
+            await hook(request, who, action, result, details)
+        except Exception:
+            log.exception("could not record the audit event", extra={"action": action})
+        return response
 
 
 _ANONYMOUS_ADMIN = Identity("auth-disabled", "auth-disabled", ("admin",), "user", mfa=True)

@@ -88,6 +88,11 @@ class OrchestratorSettings(_Section):
     poll_interval_s: float = Field(
         1.0, gt=0, description="How often the scheduler looks for work it was not told about."
     )
+    auth: Literal["required", "disabled"] = Field(
+        "required",
+        description="`disabled` lets anyone do anything (benchmarks, isolated tests only): "
+        "logged as a warning at start and shown by /health.",
+    )
 
 
 class ControlCenterSettings(_Section):
@@ -137,6 +142,15 @@ class Settings(_Section):
         """The SQLAlchemy async URL of the state store."""
         url = self.state.url or f"sqlite:///{self.home / 'state' / 'platform.db'}"
         return to_async_url(url)
+
+    @property
+    def control_center_url(self) -> str:
+        """Where other services reach the control center (JWKS, API keys, user state)."""
+        cc = self.control_center
+        if cc.url:
+            return cc.url.rstrip("/")
+        host = "127.0.0.1" if cc.host in ("0.0.0.0", "::", "") else cc.host
+        return f"http://{host}:{cc.port}"
 
     @property
     def logs_dir(self) -> Path:

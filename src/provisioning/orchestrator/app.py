@@ -7,7 +7,12 @@ import time
 from fastapi import FastAPI
 
 from provisioning import __version__
+from provisioning.core.auth import Authenticator, Guard, install_mutation_audit
+from provisioning.core.identity_client import HttpIdentityProvider
+from provisioning.core.logging import get_logger
+from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
+from provisioning.core.signing import HttpJwks, TokenVerifier
 from provisioning.core.store import Database, open_database
 from provisioning.core.web import BodyLimitMiddleware, install_error_handlers
 from provisioning.orchestrator.engine import Engine
@@ -15,7 +20,25 @@ from provisioning.orchestrator.metrics import Metrics
 from provisioning.orchestrator.routes import build_router
 from provisioning.orchestrator.store import WorkflowStore
 
-__all__ = ["OrchestratorService"]
+__all__ = ["OrchestratorService", "standalone_guard"]
+
+log = get_logger("orchestrator")
+
+
+def standalone_guard(settings: Settings) -> Guard:
+    """Authentication for an orchestrator running apart from the control center: tokens
+    verified against its JWKS, API keys and revocations asked over HTTP; Cedar in-process."""
+    authorizer = Authorizer([settings.home / "config" / "policies"])
+    if settings.orchestrator.auth == "disabled":
+        log.warning("authentication is DISABLED: anyone reaching this port can do anything")
+        return Guard(None, authorizer)
+    cc = settings.control_center_url
+    verifier = TokenVerifier(
+        HttpJwks(f"{cc}/.well-known/jwks.json"),
+        audience=settings.control_center.audience,
+        issuer=settings.control_center.issuer,
+    )
+    return Guard(Authenticator(verifier, HttpIdentityProvider(cc)), authorizer)
 
 
 class OrchestratorService:
@@ -23,11 +46,20 @@ class OrchestratorService:
 
     name = "orchestrator"
 
-    def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker_id: str | None = None,
+        guard: Guard | None = None,
+        db: Database | None = None,
+    ) -> None:
         self.settings = settings
-        self.db: Database = open_database(
+        self._own_db = db is None
+        self.db: Database = db or open_database(
             settings.state_url, sqlite_synchronous=settings.state.sqlite_synchronous
         )
+        self.guard = guard or standalone_guard(settings)
         self.store = WorkflowStore(self.db)
         self.engine = Engine(
             self.store, settings.orchestrator, settings.logs_dir, worker_id=worker_id
@@ -51,7 +83,8 @@ class OrchestratorService:
             "checkpoints and rollback. Answers use the `{success, data}` envelope.",
         )
         install_error_handlers(app)
-        app.include_router(build_router(self.engine, self.metrics, time.monotonic()))
+        app.include_router(build_router(self.engine, self.metrics, self.guard, time.monotonic()))
+        install_mutation_audit(app, self.guard, "orchestrator")
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.orchestrator.max_body_bytes)
         return app
 
@@ -62,4 +95,5 @@ class OrchestratorService:
 
     async def stop(self, *, kill_running: bool = False) -> None:
         await self.engine.stop(kill_running=kill_running)
-        await self.db.close()
+        if self._own_db:
+            await self.db.close()

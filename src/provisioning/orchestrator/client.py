@@ -7,7 +7,7 @@ back as the same typed errors the server raised; a connection failure is :class:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -28,8 +28,12 @@ class OrchestratorClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
         headers: Mapping[str, str] | None = None,
+        token: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
+        """``token``: called once before the first request for the bearer credential (an
+        access token or an API key); None sends no credentials."""
         self.base_url = base_url.rstrip("/")
+        self._token = token
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             transport=transport,
@@ -46,7 +50,15 @@ class OrchestratorClient:
     async def close(self) -> None:
         await self._http.aclose()
 
+    async def _authorize(self) -> None:
+        if self._token is not None:
+            provider, self._token = self._token, None
+            bearer = await provider()
+            if bearer:
+                self._http.headers["Authorization"] = f"Bearer {bearer}"
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        await self._authorize()
         try:
             resp = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -97,6 +109,7 @@ class OrchestratorClient:
     ) -> AsyncIterator[tuple[str, str, dict[str, Any]]]:
         """Yield ``(event, id, data)`` from the SSE stream until the task ends."""
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        await self._authorize()
         try:
             async with self._http.stream(
                 "GET",

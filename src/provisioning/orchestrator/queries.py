@@ -21,7 +21,9 @@ __all__ = [
     "list_workflows",
     "status_counts",
     "task_log_paths",
+    "task_owner",
     "task_status",
+    "workflow_owner",
     "workflow_status",
 ]
 
@@ -36,6 +38,24 @@ def workflow_status(conn: Connection, wf_id: str) -> str:
     if row is None:
         raise NotFound(f"workflow {wf_id} not found", workflow_id=wf_id)
     return str(row.status)
+
+
+def workflow_owner(conn: Connection, wf_id: str) -> str | None:
+    row = conn.execute(select(workflows.c.owner).where(workflows.c.id == wf_id)).first()
+    if row is None:
+        raise NotFound(f"workflow {wf_id} not found", workflow_id=wf_id)
+    return None if row.owner is None else str(row.owner)
+
+
+def task_owner(conn: Connection, task_id: str) -> tuple[str, str | None]:
+    row = conn.execute(
+        select(tasks.c.workflow_id, workflows.c.owner)
+        .join(workflows, workflows.c.id == tasks.c.workflow_id)
+        .where(tasks.c.id == task_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"task {task_id} not found", task_id=task_id)
+    return str(row.workflow_id), None if row.owner is None else str(row.owner)
 
 
 def get_workflow(conn: Connection, wf_id: str, with_tasks: bool) -> dict[str, Any]:
@@ -83,9 +103,18 @@ def get_task(conn: Connection, task_id: str) -> dict[str, Any]:
 
 
 def list_tasks(
-    conn: Connection, status: str | None, workflow_id: str | None, limit: int, offset: int
+    conn: Connection,
+    status: str | None,
+    workflow_id: str | None,
+    limit: int,
+    offset: int,
+    owner: str | None = None,
 ) -> list[dict[str, Any]]:
     q = select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.workflow_id, tasks.c.ord)
+    if owner is not None:
+        q = q.where(
+            tasks.c.workflow_id.in_(select(workflows.c.id).where(workflows.c.owner == owner))
+        )
     if status:
         q = q.where(tasks.c.status == status)
     if workflow_id:

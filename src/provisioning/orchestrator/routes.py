@@ -8,11 +8,13 @@ import time
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from provisioning import __version__
+from provisioning.core.auth import Guard, Identity
+from provisioning.core.rbac import Resource
 from provisioning.core.web import envelope
 from provisioning.orchestrator.api import TaskStatus, WorkflowKind, WorkflowSpec, WorkflowStatus
 from provisioning.orchestrator.engine import Engine
@@ -26,7 +28,7 @@ Limit = Annotated[int, Query(ge=1, le=1000, description="Page size, 1-1000.")]
 Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip.")]
 
 
-def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
+def build_router(engine: Engine, metrics: Metrics, guard: Guard, started: float) -> APIRouter:
     """All routes, bound to one engine."""
     r = APIRouter()
     store = engine.store
@@ -41,6 +43,7 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
                 "worker": engine.worker_id,
                 "uptime_s": round(time.monotonic() - started, 3),
                 "running_tasks": engine.running_count,
+                "auth": "required" if guard.authenticator is not None else "disabled",
             }
         )
 
@@ -49,9 +52,26 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
         await metrics.refresh()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def need(action: str) -> Any:
+        return Depends(guard.require(action))
+
+    def may_see_all(who: Identity, action: str) -> bool:
+        # Developers see only their own objects: probe with an object somebody else owns.
+        return guard.allows(who, action, Resource("Workflow", "probe", owner="\x00other"))
+
+    async def workflow_object(request: Request, who: Identity, wf_id: str, action: str) -> None:
+        owner = await store.workflow_owner(wf_id)
+        await guard.check_object(request, who, action, Resource("Workflow", wf_id, owner=owner))
+
+    async def task_object(request: Request, who: Identity, task_id: str, action: str) -> None:
+        wf_id, owner = await store.task_owner(task_id)
+        await guard.check_object(request, who, action, Resource("Workflow", wf_id, owner=owner))
+
     @r.post("/workflows", status_code=201, tags=["workflows"], summary="Submit a workflow (a DAG)")
-    async def submit(spec: Annotated[WorkflowSpec, Body()]) -> Response:
-        wf_id, created = await engine.submit(spec)
+    async def submit(
+        spec: Annotated[WorkflowSpec, Body()], who: Identity = need("workflow:create")
+    ) -> Response:
+        wf_id, created = await engine.submit(spec, owner=who.subject)
         doc = await store.get_workflow(wf_id, with_tasks=True)
         return envelope(doc, status=201 if created else 200)
 
@@ -63,7 +83,10 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
         since: datetime | None = None,
         limit: Limit = 50,
         offset: Offset = 0,
+        who: Identity = need("workflow:read"),
     ) -> Response:
+        if not may_see_all(who, "workflow:read"):
+            owner = who.subject
         rows = await store.list_workflows(
             status=status.value if status else None,
             kind=kind.value if kind else None,
@@ -75,10 +98,14 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
         return envelope(rows)
 
     @r.get("/workflows/{workflow_id}", tags=["workflows"], summary="A workflow and its tasks")
-    async def get_workflow(workflow_id: Id) -> Response:
+    async def get_workflow(
+        workflow_id: Id, request: Request, who: Identity = need("workflow:read")
+    ) -> Response:
+        await workflow_object(request, who, workflow_id, "workflow:read")
         return envelope(await store.get_workflow(workflow_id))
 
-    async def _act(workflow_id: str, action: str) -> Response:
+    async def _act(request: Request, who: Identity, workflow_id: str, action: str) -> Response:
+        await workflow_object(request, who, workflow_id, _ACTION_OF[action])
         result: Any = None
         if action == "cancel":
             await engine.cancel(workflow_id)
@@ -104,7 +131,7 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
     ):
         r.add_api_route(
             f"/workflows/{{workflow_id}}/{action}",
-            _make_action(_act, action),
+            _make_action(_act, action, guard),
             methods=["POST"],
             tags=["workflows"],
             summary=summary,
@@ -117,17 +144,22 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
         workflow_id: Annotated[str | None, Query(max_length=64)] = None,
         limit: Limit = 50,
         offset: Offset = 0,
+        who: Identity = need("task:read"),
     ) -> Response:
         rows = await store.list_tasks(
             status=status.value if status else None,
             workflow_id=workflow_id,
+            owner=None if may_see_all(who, "task:read") else who.subject,
             limit=limit,
             offset=offset,
         )
         return envelope(rows)
 
     @r.get("/tasks/{task_id}", tags=["tasks"], summary="A task with its attempts")
-    async def get_task(task_id: Id) -> Response:
+    async def get_task(
+        task_id: Id, request: Request, who: Identity = need("task:read")
+    ) -> Response:
+        await task_object(request, who, task_id, "task:read")
         return envelope(await store.get_task(task_id))
 
     @r.get(
@@ -139,6 +171,7 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
     async def task_logs(
         request: Request,
         task_id: Id,
+        who: Identity = need("task:logs"),
         follow: Annotated[bool, Query(description="Stream SSE until the task ends.")] = False,
         attempt: Annotated[int | None, Query(ge=1, le=1000000)] = None,
         q: Annotated[
@@ -153,6 +186,7 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
             str | None, Header(max_length=64, description="SSE resume position (wins over after).")
         ] = None,
     ) -> Response:
+        await task_object(request, who, task_id, "task:logs")
         position = parse_position(last_event_id or after)
         files = await store.task_log_paths(task_id)
         if not follow:
@@ -196,9 +230,22 @@ def build_router(engine: Engine, metrics: Metrics, started: float) -> APIRouter:
     return r
 
 
-def _make_action(act: Any, action: str) -> Any:
-    async def handler(workflow_id: Id) -> Response:
-        return await act(workflow_id, action)  # type: ignore[no-any-return]
+_ACTION_OF = {
+    "cancel": "workflow:cancel",
+    "pause": "workflow:control",
+    "resume": "workflow:control",
+    "retry": "workflow:control",
+    "rollback": "workflow:control",
+}
+
+
+def _make_action(act: Any, action: str, guard: Guard) -> Any:
+    async def handler(
+        workflow_id: Id,
+        request: Request,
+        who: Identity = Depends(guard.require(_ACTION_OF[action])),
+    ) -> Response:
+        return await act(request, who, workflow_id, action)  # type: ignore[no-any-return]
 
     handler.__name__ = f"workflow_{action}"
     return handler

@@ -85,6 +85,14 @@ class WorkflowStore:
             partial(queries.get_workflow, wf_id=workflow_id, with_tasks=with_tasks)
         )
 
+    async def workflow_owner(self, workflow_id: str) -> str | None:
+        """Raises: NotFound."""
+        return await self.db.run_read(partial(queries.workflow_owner, wf_id=workflow_id))
+
+    async def task_owner(self, task_id: str) -> tuple[str, str | None]:
+        """``(workflow id, owner)`` of a task. Raises: NotFound."""
+        return await self.db.run_read(partial(queries.task_owner, task_id=task_id))
+
     async def workflow_status(self, workflow_id: str) -> str:
         """Just the status (cheap: for pollers).
 
@@ -128,6 +136,7 @@ class WorkflowStore:
         *,
         status: str | None = None,
         workflow_id: str | None = None,
+        owner: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
@@ -136,6 +145,7 @@ class WorkflowStore:
                 queries.list_tasks,
                 status=status,
                 workflow_id=workflow_id,
+                owner=owner,
                 limit=limit,
                 offset=offset,
             )

@@ -32,18 +32,19 @@ class PidFile:
                 return None
         return pid
 
-    def url(self) -> str | None:
-        """The orchestrator URL a live platform recorded at start (see :meth:`claim`), or None."""
+    def url(self, index: int = 0) -> str | None:
+        """A service URL a live platform recorded at start (see :meth:`claim`), or None:
+        ``index`` 0 is the orchestrator, 1 the control center."""
         if self.read() is None:
             return None
         try:
             parts = self.path.read_text(encoding="utf-8").split()
         except OSError:
             return None
-        return parts[1] if len(parts) > 1 else None
+        return parts[1 + index] if len(parts) > 1 + index else None
 
-    def claim(self, url: str | None = None) -> None:
-        """Write our pid, and the orchestrator ``url`` so clients of this data dir find it.
+    def claim(self, *urls: str) -> None:
+        """Write our pid and the service URLs so clients of this data dir find them.
 
         Raises:
             ConfigError: another live process already runs the platform of this data dir.
@@ -55,7 +56,7 @@ class PidFile:
                 "`prvng platform stop` stops it"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(f"{os.getpid()} {url or ''}".rstrip() + "\n", encoding="utf-8")
+        self.path.write_text(" ".join([str(os.getpid()), *urls]) + "\n", encoding="utf-8")
 
     def release(self) -> None:
         with contextlib.suppress(OSError):

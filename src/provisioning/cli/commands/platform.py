@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -67,17 +68,26 @@ def start(
         return
     # Imported here: the server stack is heavy and every other command must start fast.
     from provisioning.core.logging import configure_logging
-    from provisioning.orchestrator.app import OrchestratorService
+    from provisioning.platform.embedded import build_services
     from provisioning.platform.supervisor import run_services
 
     configure_logging(settings.log.level, settings.log.format)
     pidfile = PidFile(settings.run_dir)
     o = settings.orchestrator
-    pidfile.claim(url=f"http://{_client_host(o.host)}:{o.port}" if o.port else None)
+    pidfile.claim(f"http://{_client_host(o.host)}:{o.port}", settings.control_center_url)
     try:
-        worker = settings.orchestrator.worker_id or "embedded"
-        services: list[Service] = [OrchestratorService(settings, worker_id=worker)]
-        run(run_services(services, on_ready=lambda s: _print_ready(settings, s)))
+        cc, services = build_services(settings)
+
+        def ready(started: Sequence[Service]) -> None:
+            _print_ready(settings, started)
+            if cc.admin_password:
+                console.print(
+                    f"First run: user [bold]admin[/] created with password "
+                    f"[bold]{cc.admin_password}[/] — shown once; log in with `prvng login`.",
+                    highlight=False,
+                )
+
+        run(run_services(services, on_ready=ready))
     finally:
         pidfile.release()
     console.print("platform stopped")
@@ -89,7 +99,7 @@ def _print_ready(settings: Settings, services: Sequence[Service]) -> None:
     )
     for svc in services:
         console.print(f"  {svc.name:<14} http://{svc.host}:{svc.port}   (API docs: /docs)")
-    console.print("Stop with Ctrl-C or `prvng platform stop`.")
+    console.print("Log in with `prvng login`. Stop with Ctrl-C or `prvng platform stop`.")
 
 
 def _start_background(settings: Settings, host: str | None, port: int | None) -> None:
@@ -113,9 +123,22 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
         argv += ["--host", host]
     if port:
         argv += ["--port", str(port)]
+    env = dict(os.environ)
+    first_password: str | None = None
+    db_file = settings.home / "state" / "platform.db"
+    if (
+        not settings.state.url
+        and not db_file.exists()
+        and not settings.control_center.admin_password
+    ):
+        # First run: choose the admin password here so it is shown on this terminal, not
+        # written to the background process's log.
+        first_password = secrets.token_urlsafe(18)
+        env["PRVNG_ADMIN_PASSWORD"] = first_password
     with log_path.open("ab") as logf:
         proc = subprocess.Popen(
             argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -129,8 +152,16 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
             raise OperationFailed("the platform did not start:\n" + "\n".join(tail))
         if pidfile.read() == proc.pid and _healthy(url):
             console.print(f"platform started in the background (pid {proc.pid})")
-            console.print(f"  orchestrator   {url}")
-            console.print(f"  log            {log_path}")
+            console.print(f"  orchestrator    {url}")
+            console.print(f"  control center  {settings.control_center_url}")
+            console.print(f"  log             {log_path}")
+            if first_password:
+                console.print(
+                    f"First run: user admin created with password {first_password} "
+                    "(shown once); log in with `prvng login`.",
+                    highlight=False,
+                    markup=False,
+                )
             return
         time.sleep(0.1)
     raise OperationFailed(f"the platform did not become healthy within 60 s; see {log_path}")

@@ -1,0 +1,75 @@
+"""The :class:`~provisioning.core.auth.IdentityProvider` of a service running apart from the
+control center (``prvng serve <service>``): API keys and revocation state over HTTP.
+
+API-key answers are cached by the authenticator; user states here for ``state_cache_s`` (so a
+disabled user is refused within that many seconds on other processes; immediately in the
+embedded platform, which shares the control center's in-process provider).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from provisioning.core.auth import Identity
+from provisioning.core.errors import Unauthorized
+
+__all__ = ["HttpIdentityProvider"]
+
+
+class HttpIdentityProvider:
+    """Asks the control center at ``base_url``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        state_cache_s: float = 2.0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._transport = transport
+        self._timeout = timeout_s
+        self._cache_s = state_cache_s
+        self._states: dict[str, tuple[float, bool, float]] = {}
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        async with httpx.AsyncClient(
+            base_url=self.base_url, transport=self._transport, timeout=self._timeout
+        ) as client:
+            try:
+                resp = await client.post(path, json=body)
+            except httpx.TransportError:
+                raise Unauthorized("control center unreachable: cannot check credentials") from None
+        if resp.status_code != 200:
+            raise Unauthorized("API key is not valid")
+        return resp.json()["data"]
+
+    async def api_key(self, key: str) -> Identity:
+        data = await self._post("/auth/introspect", {"api_key": key})
+        return Identity(
+            subject=data["id"],
+            username=data["username"],
+            roles=tuple(data["roles"]),
+            kind="apikey",
+            scopes=tuple(data["scopes"]) if data.get("scopes") else None,
+            key_id=data.get("key_id"),
+        )
+
+    async def revoked(self, user_id: str, issued_at: float | None) -> bool:
+        now = time.monotonic()
+        state = self._states.get(user_id)
+        if state is None or now - state[0] > self._cache_s:
+            try:
+                data = await self._post("/auth/user-state", {"user_id": user_id})
+            except Unauthorized:
+                return True
+            state = (now, bool(data["disabled"]), float(data["sessions_valid_after"]))
+            if len(self._states) > 100000:
+                self._states.clear()
+            self._states[user_id] = state
+        _at, disabled, valid_after = state
+        return disabled or (issued_at is not None and issued_at < valid_after)
