@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import signal
 import subprocess
@@ -46,13 +47,19 @@ class Platform:
 
 
 def prvng(
-    *args: str, data_dir: Path, url: str | None = None, timeout: float = 120
+    *args: str,
+    data_dir: Path,
+    url: str | None = None,
+    timeout: float = 120,
+    stdin: str = "",
 ) -> subprocess.CompletedProcess[str]:
     """Run one `prvng` command in its own process; `url` adds `--url`."""
     argv = [sys.executable, "-m", "provisioning.cli.main", "--data-dir", str(data_dir)]
     if url is not None:
         argv += ["--url", url]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRVNG_")}
+    # The login of `prvng login` lives beside the data dir, not in the real home.
+    env["XDG_CONFIG_HOME"] = str(data_dir.parent / "config-home")
     return subprocess.run(
         [*argv, *args],
         capture_output=True,
@@ -60,7 +67,7 @@ def prvng(
         timeout=timeout,
         cwd=REPO,
         env=env,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
     )
 
 
@@ -71,11 +78,22 @@ def _show(proc: subprocess.CompletedProcess[str]) -> str:
 @contextlib.contextmanager
 def _platform(data_dir: Path) -> Iterator[Platform]:
     plat = Platform(data_dir=data_dir, port=free_port())
+    # The control center's port, for the platform and every later command of this data dir.
+    (data_dir / "config").mkdir(parents=True)
+    (data_dir / "config" / "platform.ncl").write_text(
+        f"{{ control_center = {{ port = {free_port()} }} }}\n", encoding="utf-8"
+    )
     started = prvng(
         "platform", "start", "--background", "--port", str(plat.port), data_dir=data_dir
     )
     assert started.returncode == 0, _show(started)
     assert plat.url in started.stdout, _show(started)
+    match = re.search(r"user admin created with password (\S+)", started.stdout)
+    assert match, _show(started)
+    logged = prvng(
+        "login", "-u", "admin", "--password-stdin", data_dir=data_dir, stdin=match[1] + "\n"
+    )
+    assert logged.returncode == 0, _show(logged)
     try:
         yield plat
     finally:
