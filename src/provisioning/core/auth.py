@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from provisioning.core.errors import Forbidden, NotFound, Unauthorized
 from provisioning.core.logging import get_logger
@@ -104,6 +104,7 @@ class Authenticator:
     api_key_cache_s: float = 10.0
     clock: Callable[[], float] = time.monotonic
     _keys: dict[str, tuple[float, Identity]] = field(default_factory=dict)
+    _tokens: dict[str, tuple[float, Identity]] = field(default_factory=dict)
 
     async def authenticate(self, request: Request) -> Identity | None:
         """The caller, None when the request carries no credentials.
@@ -127,6 +128,22 @@ class Authenticator:
         return None
 
     async def _token(self, token: str) -> Identity:
+        # A verified token is remembered until it expires: the signature check is the costly
+        # part and clients reuse a token for many requests. Revocation is checked every time.
+        now = time.time()
+        hit = self._tokens.get(token)
+        if hit is not None and hit[0] > now:
+            identity = hit[1]
+        else:
+            identity, exp = await self._verify(token)
+            if len(self._tokens) > 10000:
+                self._tokens.clear()
+            self._tokens[token] = (exp, identity)
+        if await self.provider.revoked(identity.subject, identity.issued_at):
+            raise Unauthorized("session ended (logged out, user disabled or password changed)")
+        return identity
+
+    async def _verify(self, token: str) -> tuple[Identity, float]:
         claims = await self.verifier.verify(token)
         roles = claims.get("roles")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
@@ -140,9 +157,7 @@ class Authenticator:
             issued_at=float(claims["iat"]),
             session=str(claims["sid"]) if claims.get("sid") else None,
         )
-        if await self.provider.revoked(identity.subject, identity.issued_at):
-            raise Unauthorized("session ended (logged out, user disabled or password changed)")
-        return identity
+        return identity, float(claims["exp"])
 
     async def _api_key(self, key: str) -> Identity:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -180,6 +195,10 @@ class Guard:
         self.authenticator = authenticator  # None: authentication disabled (bench, dev only)
         self.authorizer = authorizer
         self.audit = audit
+        # Decisions that depend only on the principal and the action (platform level and the
+        # owner probe), per policy set; objects' decisions are never cached.
+        self._decisions: dict[tuple[Any, ...], bool] = {}
+        self._policies_seen: object = None
 
     def require(self, action: str) -> Callable[[Request], Awaitable[Identity]]:
         async def dependency(request: Request) -> Identity:
@@ -225,7 +244,10 @@ class Guard:
         identity = found
         request.state.identity = identity
         request.state.action = action
+        if self._cached(identity, action, "platform"):
+            return identity
         decision = self.authorizer.decide(identity.principal(), action, Resource.platform())
+        self._remember(identity, action, "platform", decision.allowed)
         if not decision.allowed and not self._owner_scoped(identity, action):
             if self.audit is not None:
                 await self.audit(
@@ -240,8 +262,35 @@ class Guard:
     def _owner_scoped(self, identity: Identity, action: str) -> bool:
         # Actions a role may do on its own objects only are allowed at collection level; the
         # object check (check_object) then decides per object.
+        if self._cached(identity, action, "own"):
+            return True
         probe = Resource(_type_of(action), "__own__", owner=identity.subject)
-        return self.authorizer.decide(identity.principal(), action, probe).allowed
+        allowed = self.authorizer.decide(identity.principal(), action, probe).allowed
+        self._remember(identity, action, "own", allowed)
+        return allowed
+
+    def _key(self, identity: Identity, action: str, what: str) -> tuple[Any, ...]:
+        return (identity.subject, identity.roles, identity.scopes, identity.mfa, action, what)
+
+    def _cached(self, identity: Identity, action: str, what: str) -> bool:
+        if self._policies_seen is not self.authorizer.policies:
+            self._decisions.clear()
+            self._policies_seen = self.authorizer.policies
+        return self._decisions.get(self._key(identity, action, what), False)
+
+    def _remember(self, identity: Identity, action: str, what: str, allowed: bool) -> None:
+        if len(self._decisions) > 10000:
+            self._decisions.clear()
+        self._decisions[self._key(identity, action, what)] = allowed
+
+    def sees_all(self, identity: Identity, action: str) -> bool:
+        """May the caller do ``action`` on objects somebody else owns (listing filters)?"""
+        if self._cached(identity, action, "others"):
+            return True
+        other = Resource(_type_of(action), "__others__", owner="\x00someone-else")
+        allowed = self.allows(identity, action, other)
+        self._remember(identity, action, "others", allowed)
+        return allowed
 
     def allows(self, identity: Identity, action: str, resource: Resource) -> bool:
         return self.authorizer.decide(identity.principal(), action, resource).allowed
@@ -274,31 +323,50 @@ _MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
 def install_mutation_audit(app: FastAPI, guard: Guard, service: str) -> None:
     """Record every mutating request of ``app`` (who, action, object, result) through the
-    guard's audit hook, after the response is known. Denials are recorded by the guard."""
-    if guard.audit is None:
-        return
-    hook = guard.audit
+    guard's audit hook, after the response is known. Denials are recorded by the guard.
+    Reads pass straight through (a pure ASGI middleware: no cost on GET)."""
+    if guard.audit is not None:
+        app.add_middleware(_MutationAudit, hook=guard.audit, service=service)
 
-    @app.middleware("http")
-    async def _audit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        if request.method not in _MUTATING or response.status_code in (401, 403):
-            return response
-        action = getattr(request.state, "action", None) or f"{service}:{request.method.lower()}"
-        who = getattr(request.state, "identity", None)
-        result = "success" if response.status_code < 400 else "failure"
-        obj = request.path_params.get("workflow_id") or request.path_params.get("task_id")
-        details: dict[str, Any] = {"status": response.status_code}
+
+class _MutationAudit:
+    def __init__(self, app: ASGIApp, hook: AuditHook, service: str) -> None:
+        self.app = app
+        self.hook = hook
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _MUTATING:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            if status not in (401, 403):
+                await self._record(Request(scope), status)
+
+    async def _record(self, request: Request, status: int) -> None:
+        state = request.state
+        action = getattr(state, "action", None) or f"{self.service}:{request.method.lower()}"
+        who = getattr(state, "identity", None)
+        params = request.scope.get("path_params") or {}
+        details: dict[str, Any] = {"status": status}
+        obj = params.get("workflow_id") or params.get("task_id")
         if obj:
             details["object"] = obj
-            details["object_type"] = "Workflow" if "workflow_id" in request.path_params else "Task"
+            details["object_type"] = "Workflow" if "workflow_id" in params else "Task"
         try:
-            await hook(request, who, action, result, details)
+            await self.hook(request, who, action, "success" if status < 400 else "failure", details)
         except Exception:
             log.exception("could not record the audit event", extra={"action": action})
-        return response
 
 
 _ANONYMOUS_ADMIN = Identity("auth-disabled", "auth-disabled", ("admin",), "user", mfa=True)
