@@ -18,6 +18,7 @@ import typer
 from provisioning import __version__
 from provisioning.cli.output import console, err_console, render
 from provisioning.cli.state import run, state_of
+from provisioning.control_center.client import ControlCenterClient
 from provisioning.core.errors import OperationFailed, ProvisioningError, Unreachable
 from provisioning.core.settings import Settings
 from provisioning.orchestrator.client import OrchestratorClient
@@ -220,29 +221,21 @@ def status(ctx: typer.Context) -> None:
     pid = PidFile(settings.run_dir).read()
     url = st.orchestrator_url()
 
-    async def probe() -> dict[str, Any]:
-        async with OrchestratorClient(url, timeout=3) as c:
+    async def probe(service: str, base: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"service": service, "url": base, "pid": pid}
+        async with ControlCenterClient(base, timeout=3) as c:
             try:
-                h = await c.health()
-                return {
-                    "service": "orchestrator",
-                    "status": h["status"],
-                    "url": url,
-                    "pid": pid,
-                    "version": h["version"],
-                    "uptime_s": h["uptime_s"],
-                    "worker": h["worker"],
-                }
+                h = await c.get("/health")
             except ProvisioningError as exc:
-                return {
-                    "service": "orchestrator",
-                    "status": "down",
-                    "url": url,
-                    "pid": pid,
-                    "error": exc.message,
-                }
+                return {**row, "status": "down", "error": exc.message}
+        return {**row, "status": h["status"], "version": h["version"], "uptime_s": h["uptime_s"]}
 
-    rows = [run(probe())]
+    async def probe_all() -> list[dict[str, Any]]:
+        return list(
+            await asyncio.gather(probe("control-center", st.cc_url()), probe("orchestrator", url))
+        )
+
+    rows = run(probe_all())
     render(
         rows,
         st.output,
