@@ -43,6 +43,7 @@ app.add_typer(identity.roles_app, name="role")
 app.add_typer(identity.keys_app, name="apikey")
 app.add_typer(identity.audit_app, name="audit")
 app.add_typer(identity.signing_app, name="keys")
+app.add_typer(identity.mfa_app, name="mfa")
 
 
 def _version(value: bool) -> None:

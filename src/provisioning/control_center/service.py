@@ -151,6 +151,9 @@ class IdentityService:
 
     def _access_token(self, user: Any, *, mfa_ok: bool, session: str) -> dict[str, Any]:
         ttl = self.settings.access_ttl_s
+        enrol = not user.mfa_secret and bool(
+            set(user.roles or ()) & set(self.settings.mfa_required_roles)
+        )
         token = self.ring.sign(
             {
                 "sub": user.id,
@@ -158,6 +161,7 @@ class IdentityService:
                 "roles": list(user.roles or []),
                 "mfa": mfa_ok,
                 "sid": session,
+                **({"enrol_mfa": True} if enrol else {}),
             },
             audience=self.settings.audience,
             ttl_s=ttl,

@@ -56,6 +56,7 @@ class Identity:
     key_id: str | None = None
     issued_at: float | None = None
     session: str | None = None  # refresh-token family of a login
+    enrol_mfa: bool = False  # must enrol TOTP before doing anything else
 
     def principal(self) -> Principal:
         return Principal(
@@ -156,6 +157,7 @@ class Authenticator:
             mfa=bool(claims.get("mfa", False)),
             issued_at=float(claims["iat"]),
             session=str(claims["sid"]) if claims.get("sid") else None,
+            enrol_mfa=bool(claims.get("enrol_mfa", False)),
         )
         return identity, float(claims["exp"])
 
@@ -244,6 +246,12 @@ class Guard:
         identity = found
         request.state.identity = identity
         request.state.action = action
+        if identity.enrol_mfa:
+            raise Forbidden(
+                "your role requires MFA: enrol first (`prvng mfa enroll`), then log in again",
+                action=action,
+                mfa_enrolment_required=True,
+            )
         if self._cached(identity, action, "platform"):
             return identity
         decision = self.authorizer.decide(identity.principal(), action, Resource.platform())

@@ -121,6 +121,11 @@ class ControlCenterSettings(_Section):
         description="URL other services use to reach the control center (JWKS, API keys); "
         "empty: http://host:port.",
     )
+    mfa_required_roles: list[str] = Field(
+        default_factory=list,
+        description="Users holding one of these roles must use TOTP; until they enrol, their "
+        "login may do nothing but enrol.",
+    )
 
 
 class Settings(_Section):

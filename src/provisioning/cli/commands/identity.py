@@ -20,6 +20,7 @@ keys_app = typer.Typer(
 )
 audit_app = typer.Typer(help="Search, verify and export the audit log.", no_args_is_help=True)
 signing_app = typer.Typer(help="Token signing keys.", no_args_is_help=True)
+mfa_app = typer.Typer(help="Two-factor authentication (TOTP).", no_args_is_help=True)
 
 USER_COLUMNS = [
     ("id", "ID"),
@@ -330,6 +331,20 @@ def audit_export(
     sys.stdout.write(_call(ctx, "GET", "/audit/export", since=since))
 
 
+@mfa_app.command("enroll")
+def mfa_enroll(
+    ctx: typer.Context,
+    code: Annotated[str | None, typer.Option(help="The code from the app (else asked).")] = None,
+) -> None:
+    """Enable TOTP for your user: add the secret to an authenticator app, then confirm a code."""
+    secret = _call(ctx, "POST", "/auth/mfa/enroll")
+    console.print("Add this to your authenticator app:", markup=False)
+    console.print(f"  secret  {secret['secret']}\n  uri     {secret['uri']}", markup=False)
+    answer = code or typer.prompt("Code shown by the app")
+    _call(ctx, "POST", "/auth/mfa/confirm", {"code": answer})
+    console.print("MFA enabled; log in again with `prvng login` to get an MFA session.")
+
+
 @signing_app.command("rotate")
 def keys_rotate(ctx: typer.Context) -> None:
     """Make a new token signing key; the old one stays valid until its tokens expire."""
@@ -342,6 +357,7 @@ __all__ = [
     "keys_app",
     "login",
     "logout",
+    "mfa_app",
     "roles_app",
     "signing_app",
     "users_app",
