@@ -319,7 +319,13 @@ class IdentityService:
     # ------------------------------------------------------------------ MFA
 
     async def mfa_enroll(self, ident: Identity, actor: Actor) -> dict[str, str]:
-        """A new TOTP secret for the caller; active once confirmed with :meth:`mfa_confirm`."""
+        """A new TOTP secret for the caller; active once confirmed with :meth:`mfa_confirm`.
+
+        Raises:
+            Forbidden: called with an API key (only the user, logged in, enrols).
+        """
+        if ident.kind == "apikey":
+            raise Forbidden("MFA is enrolled by the user logged in, not with an API key")
         user = await self.db.run_read(lambda c: identity.get_user(c, ident.subject))
         if user.mfa_secret:
             raise InvalidState("MFA is already enabled for this user")
@@ -328,6 +334,8 @@ class IdentityService:
         return {"secret": secret, "uri": mfa.provisioning_uri(secret, user.username)}
 
     async def mfa_confirm(self, ident: Identity, code: str, actor: Actor) -> None:
+        if ident.kind == "apikey":
+            raise Forbidden("MFA is enrolled by the user logged in, not with an API key")
         secret = self._pending_mfa.get(ident.subject)
         if secret is None:
             raise InvalidState("start with POST /auth/mfa/enroll")
@@ -424,7 +432,12 @@ class IdentityService:
         principal = owner.principal()
         for scope in scopes:
             probe = Resource("Platform", "platform")
-            own = Resource(_scope_type(scope), "__own__", owner=owner.subject)
+            kind = _scope_type(scope)
+            own = (
+                Resource("User", owner.subject)
+                if kind == "User"
+                else Resource(kind, "__own__", owner=owner.subject)
+            )
             if not (
                 self.authorizer.decide(principal, scope, probe).allowed
                 or self.authorizer.decide(principal, scope, own).allowed

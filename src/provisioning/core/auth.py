@@ -272,7 +272,13 @@ class Guard:
         # object check (check_object) then decides per object.
         if self._cached(identity, action, "own"):
             return True
-        probe = Resource(_type_of(action), "__own__", owner=identity.subject)
+        kind = _type_of(action)
+        # Users own no User objects: a user's own record is the user itself (self-user-read).
+        probe = (
+            Resource(kind, identity.subject)
+            if kind == "User"
+            else Resource(kind, "__own__", owner=identity.subject)
+        )
         allowed = self.authorizer.decide(identity.principal(), action, probe).allowed
         self._remember(identity, action, "own", allowed)
         return allowed

@@ -17,7 +17,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, case, exists, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    Text,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection
 
 from provisioning.core.errors import InvalidState, NotFound
@@ -119,6 +131,9 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
 
 
 # ---------------------------------------------------------------------- claiming
+#
+# The hot path's statements are built once, here: building a SQLAlchemy statement costs more
+# Python than running it, and the writer thread's Python competes with the event loop's.
 
 _CLAIM_COLS = (
     tasks.c.id,
@@ -135,6 +150,82 @@ _CLAIM_COLS = (
     workflows.c.idempotency_key.label("wf_key"),
 )
 
+_ACTIVE_COUNTS = (
+    select(tasks.c.workflow_id, tasks.c.concurrency_key, func.count())
+    .where(tasks.c.status.in_(ACTIVE))
+    .group_by(tasks.c.workflow_id, tasks.c.concurrency_key)
+)
+
+_later = tasks.alias("t_later")
+_rolling = workflows.alias("w_rolling")
+# When to look again (the earliest future ready_at), and whether a rollback may be due.
+_NEXT_AT = (
+    select(func.min(_later.c.ready_at))
+    .where(_later.c.status == TS.READY.value, _later.c.ready_at > bindparam("b_now"))
+    .scalar_subquery()
+)
+_ROLLING = exists().where(_rolling.c.status == WS.ROLLING_BACK.value, _rolling.c.draining.is_(None))
+_META = select(_NEXT_AT.label("next_at"), _ROLLING.label("rolling"))
+
+_READY = (
+    select(*_CLAIM_COLS, _NEXT_AT.label("next_at"), _ROLLING.label("rolling"))
+    .join(workflows, workflows.c.id == tasks.c.workflow_id)
+    .where(
+        tasks.c.status == TS.READY.value,
+        tasks.c.ready_at <= bindparam("b_now"),
+        or_(workflows.c.status == WS.PENDING.value, workflows.c.status == WS.RUNNING.value),
+        workflows.c.draining.is_(None),
+    )
+    .order_by(tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
+    .limit(bindparam("b_limit", type_=Integer))
+)
+_READY_PG = _READY.with_for_update(of=tasks, skip_locked=True)
+
+_START_TASKS = (
+    update(tasks)
+    .where(tasks.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        attempt_seq=bindparam("b_seq"),
+        lease_owner=bindparam("b_owner"),
+        lease_expires_at=bindparam("b_lease"),
+        started_at=bindparam("b_started"),
+    )
+)
+_INSERT_ATTEMPTS = insert(attempts)
+
+_OUTPUTS_OF = select(tasks.c.name, tasks.c.outputs).where(
+    tasks.c.workflow_id == bindparam("b_wf"),
+    tasks.c.name.in_(bindparam("b_names", expanding=True)),
+)
+
+
+class _Counts:
+    """Tasks running now per workflow and per concurrency key, read from the store only when
+    a limit needs them (most claims are of tasks with neither a workflow limit nor a key)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.loaded = False
+        self.per_wf: dict[str, int] = {}
+        self.per_key: dict[str, int] = {}
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True
+        added_wf, added_key = self.per_wf, self.per_key  # claimed earlier in this transaction
+        self.per_wf, self.per_key = {}, {}
+        for wf_id, key, n in self._conn.execute(_ACTIVE_COUNTS):
+            self.per_wf[wf_id] = self.per_wf.get(wf_id, 0) + n
+            if key:
+                self.per_key[key] = self.per_key.get(key, 0) + n
+        for wf_id, n in added_wf.items():
+            self.per_wf[wf_id] = self.per_wf.get(wf_id, 0) + n
+        for key, n in added_key.items():
+            self.per_key[key] = self.per_key.get(key, 0) + n
+
 
 def claim(
     conn: Connection,
@@ -149,36 +240,20 @@ def claim(
     remain free, the earliest future ``ready_at`` (when to look again)."""
     if dialect == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CLAIM_LOCK_KEY})
-    per_wf: dict[str, int] = {}
-    per_key: dict[str, int] = {}
-    for wf_id, key, n in conn.execute(
-        select(tasks.c.workflow_id, tasks.c.concurrency_key, func.count())
-        .where(tasks.c.status.in_(ACTIVE))
-        .group_by(tasks.c.workflow_id, tasks.c.concurrency_key)
-    ):
-        per_wf[wf_id] = per_wf.get(wf_id, 0) + n
-        if key:
-            per_key[key] = per_key.get(key, 0) + n
     free = limits.free_slots
-    claims: list[Claim] = []
-    if free > 0:
-        chosen = _pick_ready(conn, dialect, now, free, per_wf, per_key, limits)
-        claims += _start(conn, chosen, "run", worker, now, lease_s, log_dir)
-        free -= len(chosen)
-    if free > 0:
-        chosen = _pick_rollbacks(conn, per_wf, free)
+    if free <= 0:
+        return [], None
+    counts = _Counts(conn)
+    chosen, meta = _pick_ready(conn, dialect, now, free, counts, limits)
+    if meta is None:  # nothing ready: the same facts from a query of their own
+        meta = conn.execute(_META, {"b_now": now}).one()
+    claims = _start(conn, chosen, "run", worker, now, lease_s, log_dir)
+    free -= len(chosen)
+    if free > 0 and meta.rolling:
+        chosen = _pick_rollbacks(conn, counts, free)
         claims += _start(conn, chosen, "rollback", worker, now, lease_s, log_dir)
         free -= len(chosen)
-    next_at = None
-    if free > 0:
-        next_at = as_utc(
-            conn.execute(
-                select(func.min(tasks.c.ready_at)).where(
-                    tasks.c.status == TS.READY.value, tasks.c.ready_at > now
-                )
-            ).scalar()
-        )
-    return claims, next_at
+    return claims, (as_utc(meta.next_at) if free > 0 else None)
 
 
 def _pick_ready(
@@ -186,44 +261,37 @@ def _pick_ready(
     dialect: str,
     now: datetime,
     free: int,
-    per_wf: dict[str, int],
-    per_key: dict[str, int],
+    counts: _Counts,
     limits: Limits,
-) -> list[Any]:
-    q = (
-        select(*_CLAIM_COLS)
-        .join(workflows, workflows.c.id == tasks.c.workflow_id)
-        .where(
-            tasks.c.status == TS.READY.value,
-            tasks.c.ready_at <= now,
-            workflows.c.status.in_((WS.PENDING.value, WS.RUNNING.value)),
-            workflows.c.draining.is_(None),
-        )
-        .order_by(tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
-        .limit(max(64, free * 8))
-    )
-    if dialect == "postgresql":
-        q = q.with_for_update(of=tasks, skip_locked=True)
+) -> tuple[list[Any], Any]:
+    q = _READY_PG if dialect == "postgresql" else _READY
     chosen: list[Any] = []
-    for row in conn.execute(q):
+    meta = None
+    for row in conn.execute(q, {"b_now": now, "b_limit": max(64, free * 8)}):
+        meta = row
         if len(chosen) >= free:
             break
         wf_limit = row.parallel_limit
+        key = row.concurrency_key
+        if (wf_limit is not None or key) and not counts.loaded:
+            counts.load()
+        per_wf, per_key = counts.per_wf, counts.per_key
         if wf_limit is not None and per_wf.get(row.workflow_id, 0) >= wf_limit:
             continue
-        key = row.concurrency_key
         if key:
             if per_key.get(key, 0) >= limits.key_limits.get(key, limits.default_key_limit):
                 continue
             per_key[key] = per_key.get(key, 0) + 1
         per_wf[row.workflow_id] = per_wf.get(row.workflow_id, 0) + 1
         chosen.append(row)
-    return chosen
+    return chosen, meta
 
 
-def _pick_rollbacks(conn: Connection, per_wf: dict[str, int], free: int) -> list[Any]:
+def _pick_rollbacks(conn: Connection, counts: _Counts, free: int) -> list[Any]:
     # Rollback is sequential per workflow, in reverse topological order, once nothing of the
     # workflow runs any more.
+    counts.load()
+    per_wf = counts.per_wf
     chosen: list[Any] = []
     for (wf_id,) in conn.execute(
         select(workflows.c.id).where(
@@ -307,20 +375,8 @@ def _start(
                 idempotency_key=f"{r.wf_key or r.workflow_id}:{r.name}",
             )
         )
-    conn.execute(
-        update(tasks)
-        .where(tasks.c.id == bindparam("b_id"))
-        .values(
-            status=bindparam("b_status"),
-            attempts=bindparam("b_attempts"),
-            attempt_seq=bindparam("b_seq"),
-            lease_owner=bindparam("b_owner"),
-            lease_expires_at=bindparam("b_lease"),
-            started_at=bindparam("b_started"),
-        ),
-        task_updates,
-    )
-    conn.execute(insert(attempts), attempt_rows)
+    conn.execute(_START_TASKS, task_updates)
+    conn.execute(_INSERT_ATTEMPTS, attempt_rows)
     if pending_wfs:
         conn.execute(
             update(workflows)
@@ -342,11 +398,7 @@ def _load_inputs(
     outputs: dict[tuple[str, str], Any] = {}
     for wf_id, names in wanted.items():
         for chunk in _chunks(sorted(names)):
-            for r in conn.execute(
-                select(tasks.c.name, tasks.c.outputs).where(
-                    tasks.c.workflow_id == wf_id, tasks.c.name.in_(chunk)
-                )
-            ):
+            for r in conn.execute(_OUTPUTS_OF, {"b_wf": wf_id, "b_names": list(chunk)}):
                 outputs[(wf_id, r.name)] = r.outputs
     for c in claims:
         for dep in depends[c.task_id]:
@@ -354,6 +406,70 @@ def _load_inputs(
 
 
 # ---------------------------------------------------------------------- results
+
+# What finishing needs of each task (no JSON columns: the spec is read only on failure).
+_FINISH_ROWS = (
+    select(
+        tasks.c.id,
+        tasks.c.workflow_id,
+        tasks.c.name,
+        tasks.c.status,
+        tasks.c.attempts,
+        tasks.c.attempt_seq,
+        tasks.c.lease_owner,
+        tasks.c.on_failure,
+        tasks.c.error,
+        tasks.c.finished_at,
+        tasks.c.ready_at,
+        workflows.c.draining.label("wf_draining"),
+        attempts.c.id.label("attempt_id"),
+    )
+    .join(workflows, workflows.c.id == tasks.c.workflow_id)
+    .outerjoin(
+        attempts,
+        (attempts.c.task_id == tasks.c.id) & (attempts.c.number == tasks.c.attempt_seq),
+    )
+    .where(tasks.c.id.in_(bindparam("b_ids", expanding=True)))
+)
+_SPECS = select(tasks.c.id, tasks.c.spec).where(tasks.c.id.in_(bindparam("b_ids", expanding=True)))
+_ATTEMPT_PID = (
+    update(attempts).where(attempts.c.id == bindparam("b_id")).values(pid=bindparam("b_pid"))
+)
+# An attempt that started and ended since the last turn gets its pid and its end at once.
+_ATTEMPT_END = (
+    update(attempts)
+    .where(attempts.c.task_id == bindparam("b_task"), attempts.c.number == bindparam("b_num"))
+    .values(
+        ended_at=bindparam("b_now"),
+        exit_code=bindparam("b_code", type_=Integer),
+        error=bindparam("b_err", type_=Text),
+        pid=func.coalesce(bindparam("b_pid", type_=Integer), attempts.c.pid),
+    )
+)
+_TASK_COMPLETED = (
+    update(tasks)
+    .where(tasks.c.id == bindparam("b_id"))
+    .values(
+        status=TS.COMPLETED.value,
+        outputs=bindparam("b_outputs"),
+        error=None,
+        finished_at=bindparam("b_now"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+_TASK_ENDED = (
+    update(tasks)
+    .where(tasks.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        error=bindparam("b_error"),
+        finished_at=bindparam("b_finished"),
+        ready_at=bindparam("b_ready"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
 
 
 def finish(
@@ -370,40 +486,36 @@ def finish(
     the task) are ignored; ``owner=None`` (recovery) skips that check. Returns the touched
     workflow ids.
     """
-    if pids:
-        conn.execute(
-            update(attempts)
-            .where(attempts.c.id == bindparam("b_id"))
-            .values(pid=bindparam("b_pid")),
-            [{"b_id": a, "b_pid": p} for a, p in pids],
-        )
+    pid_of = dict(pids)
     if not results:
+        _record_pids(conn, pid_of)
         return set()
     rows: dict[str, Any] = {}
     for chunk in _chunks([r.task_id for r in results]):
-        for found in conn.execute(
-            select(
-                tasks,
-                workflows.c.status.label("wf_status"),
-                workflows.c.draining.label("wf_draining"),
-            )
-            .join(workflows, workflows.c.id == tasks.c.workflow_id)
-            .where(tasks.c.id.in_(chunk))
-        ):
+        for found in conn.execute(_FINISH_ROWS, {"b_ids": list(chunk)}):
             rows[found.id] = found
-    draining: dict[str, str | None] = {}
-    wf_values: dict[str, dict[str, Any]] = {}
-    wf_errors: dict[str, list[str]] = {}
-    attempt_updates: list[dict[str, Any]] = []
-    task_updates: list[dict[str, Any]] = []
-    ended: list[tuple[str, str]] = []
-    touched: set[str] = set()
+    accepted: list[tuple[Result, Any]] = []
     for res in results:
         row = rows.get(res.task_id)
         if row is None or int(row.attempt_seq) != res.attempt or row.status not in ACTIVE:
             continue
         if owner is not None and row.lease_owner != owner:
             continue
+        accepted.append((res, row))
+    specs: dict[str, Any] = {}
+    failed_runs = [r.id for res, r in accepted if res.phase == "run" and not res.ok]
+    for chunk in _chunks(failed_runs):
+        for spec_row in conn.execute(_SPECS, {"b_ids": list(chunk)}):
+            specs[spec_row.id] = spec_row.spec
+    draining: dict[str, str | None] = {}
+    wf_values: dict[str, dict[str, Any]] = {}
+    wf_errors: dict[str, list[str]] = {}
+    attempt_updates: list[dict[str, Any]] = []
+    completed: list[dict[str, Any]] = []
+    task_updates: list[dict[str, Any]] = []
+    ended: list[tuple[str, str]] = []
+    touched: set[str] = set()
+    for res, row in accepted:
         wf_id = row.workflow_id
         touched.add(wf_id)
         drain = draining.setdefault(wf_id, row.wf_draining)
@@ -411,14 +523,19 @@ def finish(
             {
                 "b_task": res.task_id,
                 "b_num": res.attempt,
+                "b_now": now,
                 "b_code": res.exit_code,
                 "b_err": res.error,
+                "b_pid": pid_of.pop(row.attempt_id, None) if row.attempt_id else None,
             }
         )
+        if res.phase == "run" and res.ok:
+            completed.append({"b_id": row.id, "b_outputs": dict(res.outputs or {}), "b_now": now})
+            ended.append((row.id, TS.COMPLETED.value))
+            continue
         upd = {
             "b_id": row.id,
             "b_status": row.status,
-            "b_outputs": row.outputs,
             "b_error": row.error,
             "b_finished": row.finished_at,
             "b_ready": row.ready_at,
@@ -432,21 +549,12 @@ def finish(
                 upd.update(b_status=TS.FAILED.value, b_error=err)
                 wf_errors.setdefault(wf_id, []).append(f"{row.name}: {err}")
             continue
-        if res.ok:
-            upd.update(
-                b_status=TS.COMPLETED.value,
-                b_outputs=dict(res.outputs or {}),
-                b_error=None,
-                b_finished=now,
-            )
-            ended.append((row.id, TS.COMPLETED.value))
-            continue
         error = res.error or f"exit code {res.exit_code}"
         if drain == "cancel" or res.cancelled:
             upd.update(b_status=TS.CANCELLED.value, b_error=error, b_finished=now)
             ended.append((row.id, TS.CANCELLED.value))
             continue
-        policy = RetryPolicy.model_validate(row.spec.get("retry") or {})
+        policy = RetryPolicy.model_validate((specs.get(row.id) or {}).get("retry") or {})
         if int(row.attempts) < policy.max_attempts and drain is None:
             delay = backoff_delay(policy, int(row.attempts), rng)
             upd.update(
@@ -465,30 +573,13 @@ def finish(
             if row.on_failure == OnFailure.ROLLBACK.value:
                 values["status"] = WS.ROLLING_BACK.value
             wf_values[wf_id] = values
+    _record_pids(conn, pid_of)
     if attempt_updates:
-        conn.execute(
-            update(attempts)
-            .where(
-                attempts.c.task_id == bindparam("b_task"), attempts.c.number == bindparam("b_num")
-            )
-            .values(ended_at=now, exit_code=bindparam("b_code"), error=bindparam("b_err")),
-            attempt_updates,
-        )
+        conn.execute(_ATTEMPT_END, attempt_updates)
+    if completed:
+        conn.execute(_TASK_COMPLETED, completed)
     if task_updates:
-        conn.execute(
-            update(tasks)
-            .where(tasks.c.id == bindparam("b_id"))
-            .values(
-                status=bindparam("b_status"),
-                outputs=bindparam("b_outputs"),
-                error=bindparam("b_error"),
-                finished_at=bindparam("b_finished"),
-                ready_at=bindparam("b_ready"),
-                lease_owner=None,
-                lease_expires_at=None,
-            ),
-            task_updates,
-        )
+        conn.execute(_TASK_ENDED, task_updates)
     for wf_id, values in wf_values.items():
         conn.execute(update(workflows).where(workflows.c.id == wf_id).values(**values))
     for wf_id, errors in wf_errors.items():
@@ -497,6 +588,11 @@ def finish(
     for wf_id in sorted(touched):
         settle(conn, wf_id, now)
     return touched
+
+
+def _record_pids(conn: Connection, pid_of: Mapping[str, int]) -> None:
+    if pid_of:
+        conn.execute(_ATTEMPT_PID, [{"b_id": a, "b_pid": p} for a, p in pid_of.items()])
 
 
 def _append_wf_error(conn: Connection, wf_id: str, message: str, now: datetime) -> None:
@@ -508,58 +604,74 @@ def _append_wf_error(conn: Connection, wf_id: str, message: str, now: datetime) 
     )
 
 
+_EDGES = select(task_deps.c.task_id, task_deps.c.dep_id, task_deps.c.kind).where(
+    task_deps.c.dep_id.in_(bindparam("b_ids", expanding=True))
+)
+_COUNT_DOWN = (
+    update(tasks)
+    .where(tasks.c.id == bindparam("b_id"))
+    .values(
+        deps_remaining=tasks.c.deps_remaining - bindparam("b_n", type_=Integer),
+        blocked=case((bindparam("b_block", type_=Integer) == 1, 1), else_=tasks.c.blocked),
+    )
+)
+# A waiting task whose last dependency ended: Ready, or Skipped when one of them blocks it.
+_UNBLOCKED = case((tasks.c.blocked == 1, TS.SKIPPED.value), else_=TS.READY.value)
+_now_param = bindparam("b_now", type_=tasks.c.ready_at.type)
+_RELEASE = (
+    update(tasks)
+    .where(
+        tasks.c.id.in_(bindparam("b_ids", expanding=True)),
+        tasks.c.deps_remaining <= 0,
+        tasks.c.status == TS.PENDING.value,
+    )
+    .values(
+        status=_UNBLOCKED,
+        ready_at=case((tasks.c.blocked == 1, tasks.c.ready_at), else_=_now_param),
+        error=case((tasks.c.blocked == 1, "a dependency did not complete"), else_=tasks.c.error),
+        finished_at=case((tasks.c.blocked == 1, _now_param), else_=tasks.c.finished_at),
+    )
+    .returning(tasks.c.id, tasks.c.status)
+)
+
+
 def propagate(conn: Connection, ended: Sequence[tuple[str, str]], now: datetime) -> None:
     """Tell the dependants of tasks that ended; start or skip those now unblocked."""
     frontier = list(ended)
     while frontier:
         outcome = dict(frontier)
-        edges: list[Any] = []
+        # Per dependant: how many of its dependencies ended, and whether one of them blocks it.
+        down: dict[str, list[int]] = {}
         for chunk in _chunks(list(outcome)):
-            edges += conn.execute(
-                select(task_deps.c.task_id, task_deps.c.dep_id, task_deps.c.kind).where(
-                    task_deps.c.dep_id.in_(chunk)
-                )
-            ).all()
-        if not edges:
+            for e in conn.execute(_EDGES, {"b_ids": list(chunk)}):
+                entry = down.setdefault(e.task_id, [0, 0])
+                entry[0] += 1
+                if outcome[e.dep_id] not in ALLOWED[e.kind]:
+                    entry[1] = 1
+        if not down:
             return
         conn.execute(
-            update(tasks)
-            .where(tasks.c.id == bindparam("b_id"))
-            .values(
-                deps_remaining=tasks.c.deps_remaining - 1,
-                blocked=case((bindparam("b_block") == 1, 1), else_=tasks.c.blocked),
-            ),
-            [
-                {"b_id": e.task_id, "b_block": 0 if outcome[e.dep_id] in ALLOWED[e.kind] else 1}
-                for e in edges
-            ],
+            _COUNT_DOWN,
+            [{"b_id": tid, "b_n": n, "b_block": block} for tid, (n, block) in down.items()],
         )
-        ready: list[str] = []
         skipped: list[str] = []
-        for chunk in _chunks(sorted({e.task_id for e in edges})):
-            for r in conn.execute(
-                select(tasks.c.id, tasks.c.blocked).where(
-                    tasks.c.id.in_(chunk),
-                    tasks.c.deps_remaining <= 0,
-                    tasks.c.status == TS.PENDING.value,
-                )
-            ):
-                (skipped if r.blocked else ready).append(r.id)
-        for chunk in _chunks(ready):
-            conn.execute(
-                update(tasks)
-                .where(tasks.c.id.in_(chunk))
-                .values(status=TS.READY.value, ready_at=now)
-            )
-        for chunk in _chunks(skipped):
-            conn.execute(
-                update(tasks)
-                .where(tasks.c.id.in_(chunk))
-                .values(
-                    status=TS.SKIPPED.value, error="a dependency did not complete", finished_at=now
-                )
-            )
-        frontier = [(tid, TS.SKIPPED.value) for tid in skipped]
+        for chunk in _chunks(sorted(down)):
+            for r in conn.execute(_RELEASE, {"b_ids": list(chunk), "b_now": now}):
+                if r.status == TS.SKIPPED.value:
+                    skipped.append(r.id)
+        frontier = [(tid, TS.SKIPPED.value) for tid in sorted(skipped)]
+
+
+_SETTLE = select(
+    workflows.c.status,
+    workflows.c.draining,
+    exists()
+    .where(
+        tasks.c.workflow_id == workflows.c.id,
+        or_(*(tasks.c.status == s for s in ACTIVE)),
+    )
+    .label("active"),
+).where(workflows.c.id == bindparam("b_wf"))
 
 
 def _any(conn: Connection, wf_id: str, statuses: Sequence[str]) -> bool:
@@ -572,10 +684,8 @@ def _any(conn: Connection, wf_id: str, statuses: Sequence[str]) -> bool:
 
 def settle(conn: Connection, wf_id: str, now: datetime) -> None:
     """End a workflow whose work is done, or move it to its next phase."""
-    wf = conn.execute(
-        select(workflows.c.status, workflows.c.draining).where(workflows.c.id == wf_id)
-    ).first()
-    if wf is None or wf.status in TERMINAL_WF or _any(conn, wf_id, ACTIVE):
+    wf = conn.execute(_SETTLE, {"b_wf": wf_id}).first()
+    if wf is None or wf.status in TERMINAL_WF or wf.active:
         return
     waiting = _any(conn, wf_id, WAITING)
     if wf.draining == "cancel":
