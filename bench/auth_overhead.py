@@ -90,7 +90,8 @@ async def main() -> None:
     for name in ("token", "apikey"):
         r = statistics.median(results[name])
         print(
-            f"{'bearer JWT' if name == 'token' else 'API key (cached)':<24}  {r:8.1f} req/s   ratio {r / base:.2f}  (aim >= 0.85)"
+            f"{'bearer JWT' if name == 'token' else 'API key (cached)':<24}  "
+            f"{r:8.1f} req/s   ratio {r / base:.2f}  (aim >= 0.85)"
         )
 
 

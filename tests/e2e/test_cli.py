@@ -224,8 +224,10 @@ def test_platform_status_exits_0_while_running_and_3_after_stop(tmp_path: Path) 
     with _platform(home) as plat:
         up = prvng("--output", "json", "platform", "status", data_dir=home, url=plat.url)
         assert up.returncode == 0, _show(up)
-        [row] = json.loads(up.stdout)
-        assert (row["service"], row["status"], row["pid"]) == ("orchestrator", "ok", plat.pid())
+        rows = {r["service"]: r for r in json.loads(up.stdout)}
+        assert set(rows) == {"orchestrator", "control-center"}, _show(up)
+        for row in rows.values():
+            assert (row["status"], row["pid"]) == ("ok", plat.pid()), _show(up)
         pid = plat.pid()
         assert pid is not None
         stopped = prvng("platform", "stop", data_dir=home)
@@ -234,8 +236,8 @@ def test_platform_status_exits_0_while_running_and_3_after_stop(tmp_path: Path) 
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         down = prvng("--output", "json", "platform", "status", data_dir=home, url=plat.url)
         assert down.returncode == 3, _show(down)
-        [row] = json.loads(down.stdout)
-        assert (row["status"], row["pid"]) == ("down", None)
+        for row in json.loads(down.stdout):
+            assert (row["status"], row["pid"]) == ("down", None), _show(down)
         assert "not running" in down.stderr, _show(down)
 
 
@@ -246,7 +248,7 @@ def test_commands_without_url_find_the_port_the_platform_was_started_on(
     # dir: the user should not have to repeat the port (the default would be 8080).
     status = prvng("--output", "json", "platform", "status", data_dir=platform.data_dir)
     assert status.returncode == 0, _show(status)
-    [row] = json.loads(status.stdout)
+    row = {r["service"]: r for r in json.loads(status.stdout)}["orchestrator"]
     assert (row["status"], row["url"]) == ("ok", platform.url)
     listed = prvng("--output", "json", "workflow", "list", data_dir=platform.data_dir)
     assert listed.returncode == 0, _show(listed)

@@ -30,6 +30,7 @@ __all__ = [
     "check_api_key",
     "create_api_key",
     "create_user",
+    "family_revoked",
     "find_user",
     "get_user",
     "hash_secret",
@@ -126,8 +127,12 @@ def update_user(conn: Connection, user_id: str, now: datetime, **values: Any) ->
     Raises: NotFound.
     """
     get_user(conn, user_id)
-    if values.get("disabled") or "password_hash" in values or values.pop("end_sessions", False):
-        values["sessions_valid_after"] = now
+    end_sessions = values.pop("end_sessions", False)  # not a column, whatever else changes
+    if values.get("disabled") or "password_hash" in values or end_sessions:
+        # Whole seconds, like the ``iat`` of access tokens: a token issued later in this same
+        # second (a login right after a password change) must not count as older. Tokens issued
+        # earlier in it die with their refresh family, revoked below (see ``family_revoked``).
+        values["sessions_valid_after"] = now.replace(microsecond=0)
         conn.execute(
             update(refresh_tokens)
             .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None))
@@ -242,6 +247,17 @@ def revoke_family(conn: Connection, family_id: str, now: datetime) -> int:
         .values(revoked_at=now)
     )
     return int(result.rowcount or 0)
+
+
+def family_revoked(conn: Connection, family_id: str) -> bool:
+    """Whether the login ``family_id`` was ended: logout, reuse of a rotated token, or every
+    session of its user ended. Its access tokens (claim ``sid``) are refused from then on."""
+    row = conn.execute(
+        select(refresh_tokens.c.id)
+        .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_not(None))
+        .limit(1)
+    ).first()
+    return row is not None
 
 
 def family_of(conn: Connection, token: str) -> Any | None:

@@ -94,6 +94,8 @@ class IdentityService:
         self.hash_params = hash_params
         # user id -> (fetched at, disabled, sessions valid after): the revocation cache
         self._states: dict[str, tuple[float, bool, float]] = {}
+        # login (refresh family) -> (fetched at, ended): logout reaches its access tokens too
+        self._sessions: dict[str, tuple[float, bool]] = {}
         self._pending_mfa: dict[str, str] = {}  # user id -> secret awaiting confirmation
 
     async def migrate(self) -> None:
@@ -274,9 +276,21 @@ class IdentityService:
 
         def body(conn: Connection) -> tuple[Any, identity.IssuedRefresh, bool]:
             try:
-                return identity.rotate_refresh(
+                user, nxt, mfa_ok = identity.rotate_refresh(
                     conn, token, now=now, idle_s=st.refresh_idle_s, absolute_s=st.refresh_absolute_s
                 )
+                audit_log.append(
+                    conn,
+                    actor.event(
+                        "auth:refresh",
+                        actor=user.username,
+                        actor_type="user",
+                        object_type="User",
+                        object_id=user.id,
+                        details={"session": nxt.family_id},
+                    ),
+                )
+                return user, nxt, mfa_ok
             except identity._ReuseDetected as exc:
                 reuse.append(exc)
                 audit_log.append(
@@ -294,6 +308,7 @@ class IdentityService:
 
         user, nxt, mfa_ok = await self.db.run_write(body)
         if reuse:
+            self._sessions.pop(reuse[0].family_id, None)
             raise Unauthorized(str(reuse[0].message))
         out = self._access_token(user, mfa_ok=mfa_ok, session=nxt.family_id)
         out.update(refresh_token=nxt.token, refresh_expires_at=nxt.expires_at)
@@ -303,7 +318,7 @@ class IdentityService:
         """End this login (its refresh family) — and, for a token, the access token too."""
         now = _now()
 
-        def body(conn: Connection) -> None:
+        def body(conn: Connection) -> str | None:
             fam = ident.session
             if refresh_token:
                 row = identity.family_of(conn, refresh_token)
@@ -311,10 +326,13 @@ class IdentityService:
                     fam = row.family_id
             if fam:
                 identity.revoke_family(conn, fam, now)
+            return fam
 
-        await self._write(
+        ended = await self._write(
             body, actor.event("auth:logout", object_type="User", object_id=ident.subject)
         )
+        if ended:
+            self._sessions.pop(ended, None)
 
     # ------------------------------------------------------------------ MFA
 
@@ -331,6 +349,14 @@ class IdentityService:
             raise InvalidState("MFA is already enabled for this user")
         secret = mfa.new_secret()
         self._pending_mfa[ident.subject] = secret
+        await self.audit(
+            actor.event(
+                "auth:mfa_enroll",
+                object_type="User",
+                object_id=ident.subject,
+                details={"step": "started"},
+            )
+        )
         return {"secret": secret, "uri": mfa.provisioning_uri(secret, user.username)}
 
     async def mfa_confirm(self, ident: Identity, code: str, actor: Actor) -> None:
@@ -408,6 +434,8 @@ class IdentityService:
             actor.event("user:update", object_type="User", object_id=user_id, details=shown),
         )
         self._states.pop(user_id, None)
+        if values.get("disabled") or "password_hash" in values or values.get("end_sessions"):
+            self._sessions.clear()  # this user's logins were ended; their ids are not at hand
         return doc
 
     # ------------------------------------------------------------------ API keys
@@ -484,7 +512,9 @@ class IdentityService:
             key_id=doc["id"],
         )
 
-    async def revoked(self, user_id: str, issued_at: float | None) -> bool:
+    async def revoked(
+        self, user_id: str, issued_at: float | None, session: str | None = None
+    ) -> bool:
         now = time.monotonic()
         state = self._states.get(user_id)
         if state is None or now - state[0] > 1.0:
@@ -500,7 +530,21 @@ class IdentityService:
         _fetched, disabled, valid_after_ts = state
         if disabled:
             return True
-        return issued_at is not None and issued_at < valid_after_ts
+        if issued_at is not None and issued_at < valid_after_ts:
+            return True
+        return session is not None and await self._session_ended(session, now)
+
+    async def _session_ended(self, session: str, now: float) -> bool:
+        """Whether a login was ended (logout, refresh-token reuse, its user's sessions ended);
+        an answer is kept a second, an ended login for good."""
+        state = self._sessions.get(session)
+        if state is None or (not state[1] and now - state[0] > 1.0):
+            ended = await self.db.run_read(lambda c: identity.family_revoked(c, session))
+            if len(self._sessions) > 100_000:
+                self._sessions.clear()
+            state = (now, ended)
+            self._sessions[session] = state
+        return state[1]
 
     async def user_state(self, user_id: str) -> dict[str, Any]:
         """Disabled flag and the time before which its tokens are dead (for other services)."""

@@ -85,13 +85,16 @@ class IdentityProvider(Protocol):
     Contract: :meth:`api_key` returns the key owner's identity with the key's scopes, or raises
     ``Unauthorized`` (malformed, unknown, revoked, expired key, or disabled owner — one
     message for all). :meth:`revoked` is True when the user is disabled, unknown, or its
-    sessions were ended after ``issued_at``; it must reflect a change on the next request in
-    the embedded platform and within a couple of seconds across processes.
+    sessions were ended after ``issued_at``, or when the login ``session`` (a token's ``sid``)
+    was ended; it must reflect a change on the next request in the embedded platform and
+    within a couple of seconds across processes.
     """
 
     async def api_key(self, key: str) -> Identity: ...
 
-    async def revoked(self, user_id: str, issued_at: float | None) -> bool: ...
+    async def revoked(
+        self, user_id: str, issued_at: float | None, session: str | None = None
+    ) -> bool: ...
 
 
 AuditHook = Callable[[Request, Identity | None, str, str, dict[str, Any]], Awaitable[None]]
@@ -140,7 +143,7 @@ class Authenticator:
             if len(self._tokens) > 10000:
                 self._tokens.clear()
             self._tokens[token] = (exp, identity)
-        if await self.provider.revoked(identity.subject, identity.issued_at):
+        if await self.provider.revoked(identity.subject, identity.issued_at, identity.session):
             raise Unauthorized("session ended (logged out, user disabled or password changed)")
         return identity
 

@@ -14,10 +14,8 @@ import json
 import os
 import re
 import signal
-import sys
-import warnings
+import subprocess
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ from provisioning.orchestrator.store import Claim, Result
 
 __all__ = ["AttemptRunner", "LogWriter", "input_env_name"]
 
-_READ_LIMIT = 1024 * 1024
+_READ_LIMIT = 1024 * 1024  # a longer line is cut here
+_READ_CHUNK = 64 * 1024
 _DRAIN_AFTER_EXIT_S = 0.5
 
 
@@ -39,37 +38,29 @@ def input_env_name(task_name: str) -> str:
 class LogWriter:
     """Appends numbered JSON lines to an attempt's log file and wakes followers.
 
-    Creating a file costs this machine kind ~0.5 ms of blocking I/O, so :meth:`open` creates
-    it in a helper thread while the event loop goes on. Lines written before it is open are
-    kept in order and written first; after that every line is one ``write`` to the file
-    (``O_APPEND``), so a reader never sees half a line.
+    Every line is one ``write`` to the file (opened ``O_APPEND``, no buffering in between), so
+    a follower woken by ``notify`` finds it whole.
     """
 
     def __init__(self, path: Path, notify: Callable[[], None]) -> None:
         self.path = path
-        self._fd: int | None = None
-        self._pending: list[bytes] = []
+        try:
+            self._fd: int | None = os.open(path, _LOG_FLAGS, 0o666)
+        except FileNotFoundError:  # the workflow's first attempt here: make its folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, _LOG_FLAGS, 0o666)
         self._n = 0
         self._notify = notify
 
-    async def open(self) -> None:
-        """Create (or append to) the file; the lines written so far go first."""
-        head, self._pending = b"".join(self._pending), []
-        loop = asyncio.get_running_loop()
-        self._fd = await loop.run_in_executor(_log_executor(), _open_log, self.path, head)
-        if self._pending:
-            head, self._pending = b"".join(self._pending), []
-            _write_all(self._fd, head)
-        self._notify()
-
     def write(self, stream: str, line: str) -> None:
+        if self._fd is None:
+            raise ValueError(f"log {self.path} is closed")
         self._n += 1
         doc = {"n": self._n, "ts": utcnow().isoformat(), "stream": stream, "line": line}
         data = (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
-        if self._fd is None:
-            self._pending.append(data)
-            return
-        _write_all(self._fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
         self._notify()
 
     def close(self) -> None:
@@ -80,102 +71,132 @@ class LogWriter:
 
 
 _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-_LOG_EXECUTOR: list[ThreadPoolExecutor] = []
 
 
-def _log_executor() -> ThreadPoolExecutor:
-    if not _LOG_EXECUTOR:
-        _LOG_EXECUTOR.append(ThreadPoolExecutor(2, thread_name_prefix="attempt-logs"))
-    return _LOG_EXECUTOR[0]
+class _Child:
+    """An attempt's process, watched from the event loop without asyncio's subprocess layer.
 
+    The exit is seen through a pidfd; stdout and stderr are two pipes read by loop callbacks
+    and cut into lines (a line longer than the read limit is cut at the limit). ``finished``
+    resolves once the process exited and both pipes reached end of file, or
+    ``_DRAIN_AFTER_EXIT_S`` after the exit when grandchildren keep a pipe open.
+    """
 
-def _open_log(path: Path, head: bytes) -> int:
-    try:
-        fd = os.open(path, _LOG_FLAGS, 0o666)
-    except FileNotFoundError:  # the workflow's first attempt here: make its folder
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, _LOG_FLAGS, 0o666)
-    try:
-        if head:
-            _write_all(fd, head)
-    except BaseException:
+    def __init__(self, popen: subprocess.Popen[bytes], out_fd: int, err_fd: int, log: LogWriter):
+        self._loop = asyncio.get_running_loop()
+        self._popen = popen
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        self._log = log
+        self._streams = {out_fd: "stdout", err_fd: "stderr"}
+        self._bufs = {out_fd: b"", err_fd: b""}
+        self._waiters: list[asyncio.Future[None]] = []
+        self.finished: asyncio.Future[None] = self._loop.create_future()
+        self._drain: asyncio.TimerHandle | None = None
+        for fd in (out_fd, err_fd):
+            os.set_blocking(fd, False)
+            self._loop.add_reader(fd, self._on_readable, fd)
+        self._pidfd = -1
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # no pidfd here: wait in a thread instead
+            waiting = self._loop.run_in_executor(None, _wait_blocking, self.pid)
+            waiting.add_done_callback(lambda f: self._exited(f.result()))
+        else:
+            self._loop.add_reader(self._pidfd, self._on_pidfd)
+
+    async def wait(self) -> int | None:
+        """Until the process exited (safe to cancel)."""
+        if self.returncode is None:
+            fut = self._loop.create_future()
+            self._waiters.append(fut)
+            await fut
+        return self.returncode
+
+    def _on_pidfd(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._exited(_wait_blocking(self.pid))
+
+    def _exited(self, code: int) -> None:
+        self.returncode = self._popen.returncode = code
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        if self._streams:
+            self._drain = self._loop.call_later(_DRAIN_AFTER_EXIT_S, self.close)
+        elif not self.finished.done():
+            self.finished.set_result(None)
+
+    def _on_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_stream(fd)
+            return
+        buf = self._bufs[fd] + data
+        write, name = self._log.write, self._streams[fd]
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            write(name, buf[start:end].decode("utf-8", "replace").rstrip("\r\n"))
+            start = end + 1
+        buf = buf[start:]
+        while len(buf) >= _READ_LIMIT:
+            write(name, buf[:_READ_LIMIT].decode("utf-8", "replace"))
+            buf = buf[_READ_LIMIT:]
+        self._bufs[fd] = buf
+
+    def _close_stream(self, fd: int) -> None:
+        name = self._streams.pop(fd)
+        self._loop.remove_reader(fd)
         os.close(fd)
-        raise
-    return fd
+        rest = self._bufs.pop(fd)
+        if rest:  # the last line had no newline
+            self._log.write(name, rest.decode("utf-8", "replace").rstrip("\r\n"))
+        if not self._streams and self.returncode is not None:
+            if self._drain is not None:
+                self._drain.cancel()
+            if not self.finished.done():
+                self.finished.set_result(None)
+
+    def close(self) -> None:
+        """Stop reading (what is buffered is written) and watching; idempotent."""
+        for fd in list(self._streams):
+            self._close_stream(fd)
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if not self.finished.done():
+            self.finished.set_result(None)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _wait_blocking(pid: int) -> int:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return 255
+    return os.waitstatus_to_exitcode(status)
+
+
+def _release(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass
 class _Proc:
-    process: asyncio.subprocess.Process | None = None
+    process: _Child | None = None
     cancel_requested: bool = False
-
-
-def _use_pidfd_child_watcher() -> None:
-    # Python 3.11 waits for every child in a thread of its own (ThreadedChildWatcher): starting
-    # that thread blocks the loop, which halved task throughput here. A pidfd watcher waits in
-    # the event loop itself. 3.12+ does this by default (and deprecates choosing); the stdlib's
-    # 3.11 PidfdChildWatcher is tied to one loop, so this one uses whichever loop spawns.
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if not isinstance(asyncio.get_child_watcher(), _PidfdWatcher):
-            asyncio.set_child_watcher(_PidfdWatcher())
-
-
-class _PidfdWatcher(asyncio.AbstractChildWatcher):
-    """Child watcher on pidfds, for the event loop running when the child is added."""
-
-    def __init__(self) -> None:
-        self._callbacks: dict[int, tuple[asyncio.AbstractEventLoop, int, Any, tuple[Any, ...]]] = {}
-
-    def add_child_handler(self, pid: int, callback: Any, *args: Any) -> None:  # type: ignore[override]
-        loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(pid)
-        loop.add_reader(pidfd, self._do_wait, pid)
-        self._callbacks[pid] = (loop, pidfd, callback, args)
-
-    def remove_child_handler(self, pid: int) -> bool:
-        entry = self._callbacks.pop(pid, None)
-        if entry is None:
-            return False
-        loop, pidfd, _cb, _args = entry
-        with contextlib.suppress(Exception):
-            loop.remove_reader(pidfd)
-        os.close(pidfd)
-        return True
-
-    def _do_wait(self, pid: int) -> None:
-        loop, pidfd, callback, args = self._callbacks.pop(pid)
-        loop.remove_reader(pidfd)
-        try:
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:
-            code = 255
-        os.close(pidfd)
-        callback(pid, code, *args)
-
-    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def is_active(self) -> bool:
-        return True
-
-    def __enter__(self) -> _PidfdWatcher:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        pass
 
 
 class AttemptRunner:
@@ -192,7 +213,6 @@ class AttemptRunner:
         self._on_pid = on_pid
         self._notify_log = notify_log
         self._procs: dict[str, _Proc] = {}
-        _use_pidfd_child_watcher()
 
     def running(self) -> list[str]:
         return list(self._procs)
@@ -208,11 +228,10 @@ class AttemptRunner:
 
     async def run(self, claim: Claim) -> Result:
         """Run the attempt to its end and say how it ended (never raises for task failures)."""
+        log = LogWriter(claim.log_path, lambda: self._notify_log(claim.task_id))
         entry = _Proc()
         self._procs[claim.task_id] = entry
-        log = LogWriter(claim.log_path, lambda: self._notify_log(claim.task_id))
         try:
-            await log.open()
             if claim.phase == "run" and claim.spec.get("action"):
                 return await self._builtin(claim, log, entry)
             argv = claim.spec["command"] if claim.phase == "run" else claim.spec["rollback"]
@@ -251,22 +270,7 @@ class AttemptRunner:
 
     async def _process(self, claim: Claim, argv: list[str], log: LogWriter, entry: _Proc) -> Result:
         out_path = log.path.with_suffix(".out.jsonl")  # <task>.<n>.out.jsonl
-        env = dict(os.environ)
-        env.update(claim.spec.get("env") or {})
-        env.update(
-            {
-                "PRVNG_WORKFLOW_ID": claim.workflow_id,
-                "PRVNG_TASK_ID": claim.task_id,
-                "PRVNG_TASK_NAME": claim.name,
-                "PRVNG_ATTEMPT": str(claim.attempt),
-                "PRVNG_ATTEMPT_ID": claim.attempt_id,
-                "PRVNG_PHASE": claim.phase,
-                "PRVNG_IDEMPOTENCY_KEY": claim.idempotency_key,
-                "PRVNG_OUTPUT": str(out_path),
-            }
-        )
-        for name, outputs in claim.inputs.items():
-            env[input_env_name(name)] = json.dumps(outputs)
+        env = _environment(claim, out_path)
         timeout = float(claim.spec.get("timeout_s", 300))
         cwd = claim.spec.get("cwd") or None
         log.write("system", f"{claim.phase} attempt {claim.attempt}: {_show(argv)}")
@@ -277,16 +281,7 @@ class AttemptRunner:
                 claim.task_id, claim.attempt, claim.phase, ok=False, exit_code=127, error=msg
             )
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=_devnull(),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-                limit=_READ_LIMIT,
-            )
+            proc = _spawn(argv, env, cwd, log)
         except OSError as exc:
             msg = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
             log.write("system", msg)
@@ -294,24 +289,30 @@ class AttemptRunner:
                 claim.task_id, claim.attempt, claim.phase, ok=False, exit_code=127, error=msg
             )
         entry.process = proc
-        pid_note = self._on_pid(claim, proc.pid)
-        if asyncio.iscoroutine(pid_note):
-            await pid_note
-        readers = [
-            asyncio.create_task(_pump(proc.stdout, "stdout", log)),
-            asyncio.create_task(_pump(proc.stderr, "stderr", log)),
-        ]
-        timed_out = False
+        timer: asyncio.TimerHandle | None = None
         try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            timed_out = True
-            log.write("system", f"timed out after {timeout:g}s; terminating the process group")
-            await _terminate_group(proc, self.kill_grace_s)
-        # Grandchildren that kept the pipes open must not hold the attempt open forever.
-        _done, pending = await asyncio.wait(readers, timeout=_DRAIN_AFTER_EXIT_S)
-        for r in pending:
-            r.cancel()
+            pid_note = self._on_pid(claim, proc.pid)
+            if asyncio.iscoroutine(pid_note):
+                await pid_note
+            timed_out = False
+            if not proc.finished.done():
+                # One future for the common case: the process ends (with its pipes) in time.
+                ended = asyncio.get_running_loop().create_future()
+                proc.finished.add_done_callback(lambda _f: _release(ended))
+                timer = asyncio.get_running_loop().call_later(timeout, _release, ended)
+                await ended
+                if proc.returncode is None:
+                    timed_out = True
+                    log.write(
+                        "system", f"timed out after {timeout:g}s; terminating the process group"
+                    )
+                    await _terminate_group(proc, self.kill_grace_s)
+                    # Exited (and pipes drained), or a process even SIGKILL does not end.
+                    await asyncio.wait({proc.finished}, timeout=_DRAIN_AFTER_EXIT_S)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            proc.close()
         code = proc.returncode
         if entry.cancel_requested:
             log.write("system", "cancelled")
@@ -346,6 +347,49 @@ class AttemptRunner:
         )
 
 
+def _environment(claim: Claim, out_path: Path) -> dict[bytes, bytes]:
+    # Bytes all the way: the child needs bytes, and os.environ would decode every variable
+    # only for subprocess to encode it again.
+    enc = os.fsencode
+    env = dict(os.environb)
+    for key, value in (claim.spec.get("env") or {}).items():
+        env[enc(key)] = enc(value)
+    env[b"PRVNG_WORKFLOW_ID"] = enc(claim.workflow_id)
+    env[b"PRVNG_TASK_ID"] = enc(claim.task_id)
+    env[b"PRVNG_TASK_NAME"] = enc(claim.name)
+    env[b"PRVNG_ATTEMPT"] = str(claim.attempt).encode()
+    env[b"PRVNG_ATTEMPT_ID"] = enc(claim.attempt_id)
+    env[b"PRVNG_PHASE"] = enc(claim.phase)
+    env[b"PRVNG_IDEMPOTENCY_KEY"] = enc(claim.idempotency_key)
+    env[b"PRVNG_OUTPUT"] = enc(out_path)
+    for name, outputs in claim.inputs.items():
+        env[enc(input_env_name(name))] = enc(json.dumps(outputs))
+    return env
+
+
+def _spawn(argv: list[str], env: dict[bytes, bytes], cwd: str | None, log: LogWriter) -> _Child:
+    """Start the process in a session of its own, stdout and stderr on pipes of their own."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdin=_devnull(),
+            stdout=out_w,
+            stderr=err_w,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except BaseException:
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+        raise
+    os.close(out_w)
+    os.close(err_w)
+    return _Child(popen, out_r, err_r, log)
+
+
 _DEVNULL: list[int] = []
 
 
@@ -370,20 +414,6 @@ def _exit_reason(code: int | None) -> str:
     return f"exit code {code}"
 
 
-async def _pump(stream: asyncio.StreamReader | None, name: str, log: LogWriter) -> None:
-    if stream is None:
-        return
-    while True:
-        try:
-            raw = await stream.readline()
-        except ValueError:
-            # A line longer than the read limit: take what is buffered as one line.
-            raw = await stream.read(_READ_LIMIT)
-        if not raw:
-            return
-        log.write(name, raw.decode("utf-8", "replace").rstrip("\r\n"))
-
-
 def _read_outputs(path: Path) -> tuple[dict[str, Any], str | None]:
     """Merge the JSON objects a task wrote to ``PRVNG_OUTPUT``, one per line."""
     outputs: dict[str, Any] = {}
@@ -403,7 +433,7 @@ def _read_outputs(path: Path) -> tuple[dict[str, Any], str | None]:
     return outputs, None
 
 
-async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+async def _terminate_group(proc: _Child, grace: float) -> None:
     if proc.returncode is not None:
         _signal_group(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
         return

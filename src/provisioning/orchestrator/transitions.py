@@ -421,14 +421,18 @@ _FINISH_ROWS = (
         tasks.c.error,
         tasks.c.finished_at,
         tasks.c.ready_at,
+        workflows.c.status.label("wf_status"),
         workflows.c.draining.label("wf_draining"),
         attempts.c.id.label("attempt_id"),
+        task_deps.c.task_id.label("dependant"),
+        task_deps.c.kind.label("dep_kind"),
     )
     .join(workflows, workflows.c.id == tasks.c.workflow_id)
     .outerjoin(
         attempts,
         (attempts.c.task_id == tasks.c.id) & (attempts.c.number == tasks.c.attempt_seq),
     )
+    .outerjoin(task_deps, task_deps.c.dep_id == tasks.c.id)  # a row per dependant
     .where(tasks.c.id.in_(bindparam("b_ids", expanding=True)))
 )
 _SPECS = select(tasks.c.id, tasks.c.spec).where(tasks.c.id.in_(bindparam("b_ids", expanding=True)))
@@ -491,9 +495,13 @@ def finish(
         _record_pids(conn, pid_of)
         return set()
     rows: dict[str, Any] = {}
+    edges: dict[str, list[tuple[str, str]]] = {}
     for chunk in _chunks([r.task_id for r in results]):
         for found in conn.execute(_FINISH_ROWS, {"b_ids": list(chunk)}):
-            rows[found.id] = found
+            rows.setdefault(found.id, found)
+            mine = edges.setdefault(found.id, [])
+            if found.dependant is not None:
+                mine.append((found.dependant, found.dep_kind))
     accepted: list[tuple[Result, Any]] = []
     for res in results:
         row = rows.get(res.task_id)
@@ -584,8 +592,17 @@ def finish(
         conn.execute(update(workflows).where(workflows.c.id == wf_id).values(**values))
     for wf_id, errors in wf_errors.items():
         _append_wf_error(conn, wf_id, "; ".join(errors), now)
-    propagate(conn, ended, now)
+    released = propagate(conn, ended, now, edges)
+    wf_status = {row.workflow_id: row.wf_status for _res, row in accepted}
     for wf_id in sorted(touched):
+        # A running workflow that is not draining and has a task just made Ready cannot
+        # end or change phase now: settle would find exactly that, one query later.
+        if (
+            wf_id in released
+            and draining.get(wf_id) is None
+            and wf_status[wf_id] in (WS.RUNNING.value, WS.PENDING.value)
+        ):
+            continue
         settle(conn, wf_id, now)
     return touched
 
@@ -623,7 +640,9 @@ _RELEASE = (
     .where(
         tasks.c.id.in_(bindparam("b_ids", expanding=True)),
         tasks.c.deps_remaining <= 0,
-        tasks.c.status == TS.PENDING.value,
+        # Not an index term: SQLite would otherwise walk every Pending task of the store by
+        # the status index instead of looking the few ids up by key.
+        tasks.c.status.concat("") == TS.PENDING.value,
     )
     .values(
         status=_UNBLOCKED,
@@ -631,25 +650,43 @@ _RELEASE = (
         error=case((tasks.c.blocked == 1, "a dependency did not complete"), else_=tasks.c.error),
         finished_at=case((tasks.c.blocked == 1, _now_param), else_=tasks.c.finished_at),
     )
-    .returning(tasks.c.id, tasks.c.status)
+    .returning(tasks.c.id, tasks.c.status, tasks.c.workflow_id)
 )
 
 
-def propagate(conn: Connection, ended: Sequence[tuple[str, str]], now: datetime) -> None:
-    """Tell the dependants of tasks that ended; start or skip those now unblocked."""
+def propagate(
+    conn: Connection,
+    ended: Sequence[tuple[str, str]],
+    now: datetime,
+    known_edges: Mapping[str, list[tuple[str, str]]] | None = None,
+) -> set[str]:
+    """Tell the dependants of tasks that ended; start or skip those now unblocked. Returns
+    the workflows in which a task became Ready.
+
+    ``known_edges``: ``(dependant, kind)`` of each ended task, when the caller read them
+    already.
+    """
+    released: set[str] = set()
     frontier = list(ended)
     while frontier:
         outcome = dict(frontier)
+        edges: list[tuple[str, str, str]] = []  # (dependant, dependency, kind)
+        unknown = [tid for tid in outcome if known_edges is None or tid not in known_edges]
+        for chunk in _chunks(unknown):
+            edges += ((e.task_id, e.dep_id, e.kind) for e in conn.execute(_EDGES, {"b_ids": chunk}))
+        if known_edges is not None:
+            for tid in outcome:
+                edges += ((dependant, tid, kind) for dependant, kind in known_edges.get(tid, ()))
+        known_edges = None  # the cascade's skipped tasks: read their edges
         # Per dependant: how many of its dependencies ended, and whether one of them blocks it.
         down: dict[str, list[int]] = {}
-        for chunk in _chunks(list(outcome)):
-            for e in conn.execute(_EDGES, {"b_ids": list(chunk)}):
-                entry = down.setdefault(e.task_id, [0, 0])
-                entry[0] += 1
-                if outcome[e.dep_id] not in ALLOWED[e.kind]:
-                    entry[1] = 1
+        for dependant, dep, kind in edges:
+            entry = down.setdefault(dependant, [0, 0])
+            entry[0] += 1
+            if outcome[dep] not in ALLOWED[kind]:
+                entry[1] = 1
         if not down:
-            return
+            return released
         conn.execute(
             _COUNT_DOWN,
             [{"b_id": tid, "b_n": n, "b_block": block} for tid, (n, block) in down.items()],
@@ -659,7 +696,10 @@ def propagate(conn: Connection, ended: Sequence[tuple[str, str]], now: datetime)
             for r in conn.execute(_RELEASE, {"b_ids": list(chunk), "b_now": now}):
                 if r.status == TS.SKIPPED.value:
                     skipped.append(r.id)
+                else:
+                    released.add(r.workflow_id)
         frontier = [(tid, TS.SKIPPED.value) for tid in sorted(skipped)]
+    return released
 
 
 _SETTLE = select(

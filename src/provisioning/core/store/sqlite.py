@@ -50,9 +50,10 @@ class SqliteDatabase:
         def _on_connect(dbapi: Any, _record: Any) -> None:
             dbapi.isolation_level = None
             cur = dbapi.cursor()
+            # busy_timeout first: switching to WAL needs a lock another connection may hold.
+            cur.execute("PRAGMA busy_timeout=10000")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={sync}")
-            cur.execute("PRAGMA busy_timeout=10000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
