@@ -16,7 +16,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,7 @@ def _release(fut: asyncio.Future[None]) -> None:
 class _Proc:
     process: _Child | None = None
     cancel_requested: bool = False
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # wakes builtin sleeps
 
 
 class AttemptRunner:
@@ -223,6 +224,7 @@ class AttemptRunner:
         if entry is None:
             return
         entry.cancel_requested = True
+        entry.cancelled.set()
         if entry.process is not None:
             await _terminate_group(entry.process, self.kill_grace_s)
 
@@ -257,7 +259,21 @@ class AttemptRunner:
             )
         seconds = float(args.get("seconds", 1))
         try:
-            await asyncio.wait_for(asyncio.sleep(seconds), timeout)
+            # A cancel ends the sleep at once instead of waiting it out.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry.cancelled.wait(), min(seconds, timeout))
+            if entry.cancel_requested:
+                log.write("system", "cancelled")
+                return Result(
+                    claim.task_id,
+                    claim.attempt,
+                    claim.phase,
+                    ok=False,
+                    error="cancelled",
+                    cancelled=True,
+                )
+            if seconds > timeout:
+                raise TimeoutError
         except TimeoutError:
             return Result(
                 claim.task_id,
