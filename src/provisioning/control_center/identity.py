@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from provisioning.control_center.tables import api_keys, refresh_tokens, users
+from provisioning.core.clock import as_utc
 from provisioning.core.errors import Conflict, NotFound, Unauthorized, ValidationError
 
 __all__ = [
@@ -56,14 +57,6 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    from datetime import UTC
-
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 def user_doc(row: Any) -> dict[str, Any]:
     """What the API shows of a user: never the hash or the MFA secret."""
     return {
@@ -72,8 +65,8 @@ def user_doc(row: Any) -> dict[str, Any]:
         "roles": list(row.roles or []),
         "disabled": bool(row.disabled),
         "mfa_enabled": row.mfa_secret is not None,
-        "created_at": _utc(row.created_at),
-        "updated_at": _utc(row.updated_at),
+        "created_at": as_utc(row.created_at),
+        "updated_at": as_utc(row.updated_at),
     }
 
 
@@ -209,7 +202,7 @@ def rotate_refresh(
             revoke_family(conn, row.family_id, now)
             raise _ReuseDetected(row.family_id, row.user_id)
         raise Unauthorized("refresh token is not valid; log in again")
-    if _utc(row.expires_at) <= now:  # type: ignore[operator]
+    if as_utc(row.expires_at) <= now:  # type: ignore[operator]
         raise Unauthorized("refresh token expired; log in again")
     user = get_user(conn, row.user_id)
     if user.disabled:
@@ -223,7 +216,7 @@ def rotate_refresh(
         idle_s=idle_s,
         absolute_s=absolute_s,
         family_id=row.family_id,
-        family_started_at=_utc(row.family_started_at),
+        family_started_at=as_utc(row.family_started_at),
         source=row.source,
     )
     return user, nxt, bool(row.mfa)
@@ -323,10 +316,10 @@ def _key_doc(row: Any) -> dict[str, Any]:
         "user_id": row.user_id,
         "name": row.name,
         "scopes": list(row.scopes or []),
-        "created_at": _utc(row.created_at),
-        "expires_at": _utc(row.expires_at),
-        "last_used_at": _utc(row.last_used_at),
-        "revoked_at": _utc(row.revoked_at),
+        "created_at": as_utc(row.created_at),
+        "expires_at": as_utc(row.expires_at),
+        "last_used_at": as_utc(row.last_used_at),
+        "revoked_at": as_utc(row.revoked_at),
     }
 
 
@@ -371,13 +364,13 @@ def check_api_key(conn: Connection, key: str, now: datetime) -> tuple[dict[str, 
         raise bad
     if row.revoked_at is not None:
         raise bad
-    expires = _utc(row.expires_at)
+    expires = as_utc(row.expires_at)
     if expires is not None and expires <= now:
         raise bad
     user = get_user(conn, row.user_id)
     if user.disabled:
         raise bad
-    last = _utc(row.last_used_at)
+    last = as_utc(row.last_used_at)
     if last is None or now - last >= _LAST_USED_GRANULARITY:
         conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=now))
     return _key_doc(row), user

@@ -25,6 +25,7 @@ from provisioning.control_center.audit_log import AuditEvent
 from provisioning.control_center.tables import users
 from provisioning.control_center.throttle import Throttle, retry_after
 from provisioning.core.auth import Identity
+from provisioning.core.clock import as_utc
 from provisioning.core.errors import (
     Forbidden,
     InvalidState,
@@ -523,7 +524,7 @@ class IdentityService:
             )
             if row is None:
                 return True
-            valid_after = identity._utc(row.sessions_valid_after)
+            valid_after = as_utc(row.sessions_valid_after)
             assert valid_after is not None
             state = (now, bool(row.disabled), valid_after.timestamp())
             self._states[user_id] = state
@@ -553,7 +554,7 @@ class IdentityService:
         )
         if row is None:
             raise NotFound(f"user {user_id} not found")
-        valid_after = identity._utc(row.sessions_valid_after)
+        valid_after = as_utc(row.sessions_valid_after)
         assert valid_after is not None
         return {"disabled": bool(row.disabled), "sessions_valid_after": valid_after.timestamp()}
 

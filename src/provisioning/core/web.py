@@ -23,7 +23,6 @@ from provisioning.core.logging import get_logger
 
 __all__ = [
     "BodyLimitMiddleware",
-    "describe_errors",
     "envelope",
     "error_response",
     "install_error_handlers",
@@ -59,22 +58,6 @@ def _loc(loc: Sequence[Any]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out or "request"
-
-
-def describe_errors(errors: Sequence[Any], *, skip_prefix: int = 0) -> str:
-    """One line per error: ``tasks[2].timeout_s: Input should be greater than 0``.
-
-    ``skip_prefix`` drops leading location parts (FastAPI puts ``body`` first).
-    """
-    lines = []
-    for e in errors:
-        loc = list(e.get("loc", ()))[skip_prefix:]
-        msg = str(e.get("msg", "invalid"))
-        if e.get("type") == "json_invalid":
-            ctx = e.get("ctx") or {}
-            msg = f"malformed JSON: {ctx.get('error', msg)}"
-        lines.append(f"{_loc(loc)}: {msg}")
-    return "; ".join(lines)
 
 
 def _field(e: Any) -> dict[str, str]:

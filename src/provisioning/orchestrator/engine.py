@@ -21,10 +21,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from provisioning.core.clock import utcnow
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import OrchestratorSettings
 from provisioning.orchestrator.api import WorkflowSpec
-from provisioning.orchestrator.clock import utcnow
 from provisioning.orchestrator.dag import validate_dag
 from provisioning.orchestrator.runner import AttemptRunner, kill_orphan
 from provisioning.orchestrator.store import Claim, Limits, Result, WorkflowStore

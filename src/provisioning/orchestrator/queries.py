@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
+from provisioning.core.clock import as_utc
 from provisioning.core.errors import NotFound
-from provisioning.orchestrator.clock import as_utc
 from provisioning.orchestrator.tables import attempts, tasks, workflows
 
 __all__ = [

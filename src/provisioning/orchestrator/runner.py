@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioning.orchestrator.clock import utcnow
+from provisioning.core.clock import utcnow
 from provisioning.orchestrator.store import Claim, Result
 
 __all__ = ["AttemptRunner", "LogWriter", "input_env_name"]

@@ -22,10 +22,10 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from provisioning.core.clock import utcnow
 from provisioning.core.store import Database, upgrade
 from provisioning.orchestrator import queries, transitions
 from provisioning.orchestrator.api import TaskStatus, WorkflowSpec, WorkflowStatus
-from provisioning.orchestrator.clock import utcnow
 from provisioning.orchestrator.tables import task_deps, tasks, workflows
 from provisioning.orchestrator.transitions import Claim, Limits, Result, backoff_delay
 

@@ -32,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from provisioning.core.clock import as_utc
 from provisioning.core.errors import InvalidState, NotFound
 from provisioning.orchestrator.api import (
     DependencyKind,
@@ -40,7 +41,6 @@ from provisioning.orchestrator.api import (
     TaskStatus,
     WorkflowStatus,
 )
-from provisioning.orchestrator.clock import as_utc
 from provisioning.orchestrator.tables import attempts, task_deps, tasks, workflows
 
 __all__ = [
