@@ -168,22 +168,6 @@ class WorkflowStore:
 
     # ------------------------------------------------------------------ scheduling
 
-    async def claim(
-        self, worker: str, limits: Limits, lease_s: float, log_dir: Path
-    ) -> tuple[list[Claim], datetime | None]:
-        """Claim ready tasks and due rollbacks for ``worker`` within the limits."""
-        return await self.db.run_write(
-            partial(
-                transitions.claim,
-                dialect=self.db.dialect,
-                worker=worker,
-                limits=limits,
-                lease_s=lease_s,
-                log_dir=log_dir,
-                now=utcnow(),
-            )
-        )
-
     async def turn(
         self,
         results: Sequence[Result],
