@@ -8,6 +8,7 @@ every row of every table and looks for any password, key or token used in plain 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -203,6 +204,21 @@ async def test_an_expired_key_is_refused(platform: Platform) -> None:
     assert await p.statuses(lasting["key"]) == (200, 200)
     resp = await p.http.get("/auth/whoami", headers={"X-API-Key": expiring["key"]})
     assert resp.json()["error"]["message"] == "API key is not valid"
+
+
+async def test_a_key_used_just_before_it_expires_is_refused_right_after(
+    platform: Platform,
+) -> None:
+    # The services cache a key's answer for a few seconds; that answer must not outlive the key.
+    p = platform
+    dev = await p.user("dev", "developer")
+    key = await p.new_key(dev, expires_in_days=3 / 86400)
+    assert await p.statuses(key["key"]) == (200, 200)  # now cached by the orchestrator
+
+    deadline = datetime.fromisoformat(key["expires_at"]) + timedelta(milliseconds=50)
+    await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
+
+    assert await p.statuses(key["key"]) == (401, 401)
 
 
 async def test_using_a_key_records_when_it_was_last_used(platform: Platform) -> None:

@@ -462,11 +462,6 @@ async def test_a_token_of_a_rotated_out_key_is_refused_once_the_overlap_ends(
     assert await p.works(bearer(new)) == (200, 200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: core.auth.Authenticator remembers a verified token until its exp, so a token "
-    "already presented keeps working after its signing key left the key set",
-)
 async def test_a_token_used_before_a_rotation_is_refused_once_the_overlap_ends(
     make_platform: Any,
 ) -> None:

@@ -184,16 +184,12 @@ class IdentityService:
         """
         source = actor.source or "unknown"
         wait = self.throttle.check(username, source)
+        user = await self.db.run_read(lambda c: identity.find_user(c, username))
         if wait is not None:
-            await self.audit(
-                actor.event(
-                    "auth:login", "denied", actor=username[:200], details={"reason": "throttled"}
-                )
-            )
+            await self.audit(_login_event(actor, "denied", user, "throttled"))
             raise RateLimited(
                 "too many failed logins; try again later", retry_after=retry_after(wait)
             )
-        user = await self.db.run_read(lambda c: identity.find_user(c, username))
         loop = asyncio.get_running_loop()
         if user is None:
             await loop.run_in_executor(
@@ -208,7 +204,7 @@ class IdentityService:
                 ),
             )
         if not ok or user is None or user.disabled:
-            await self._login_failed(username, actor, "bad credentials")
+            await self._login_failed(username, user, actor, "bad credentials")
             raise Unauthorized(_BAD_LOGIN)
         step: int | None = None
         if user.mfa_secret:
@@ -216,7 +212,7 @@ class IdentityService:
                 raise Unauthorized("MFA code required", mfa_required=True)
             step = mfa.verify_totp(user.mfa_secret, mfa_code, last_used_step=user.mfa_last_step)
             if step is None:
-                await self._login_failed(username, actor, "bad MFA code")
+                await self._login_failed(username, user, actor, "bad MFA code")
                 raise Unauthorized("MFA code is not valid", mfa_required=True)
         self.throttle.record_success(username)
         now = _now()
@@ -259,11 +255,9 @@ class IdentityService:
         )
         return out
 
-    async def _login_failed(self, username: str, actor: Actor, reason: str) -> None:
+    async def _login_failed(self, username: str, user: Any, actor: Actor, reason: str) -> None:
         self.throttle.record_failure(username, actor.source or "unknown")
-        await self.audit(
-            actor.event("auth:login", "failure", actor=username[:200], details={"reason": reason})
-        )
+        await self.audit(_login_event(actor, "failure", user, reason))
 
     async def refresh(self, token: str, actor: Actor) -> dict[str, Any]:
         """Trade a refresh token for a new access token and the next refresh token.
@@ -511,6 +505,7 @@ class IdentityService:
             mfa=False,
             scopes=tuple(doc["scopes"]) or None,
             key_id=doc["id"],
+            expires_at=doc["expires_at"].timestamp() if doc["expires_at"] else None,
         )
 
     async def revoked(
@@ -575,6 +570,24 @@ class IdentityService:
         )
         await self.audit(actor.event("keys:rotate", object_type="SigningKey", object_id=new.kid))
         return {"kid": new.kid, "jwks": self.ring.jwks()}
+
+
+def _login_event(actor: Actor, result: str, user: Any, reason: str) -> AuditEvent:
+    """A refused login. The name typed is kept only when it is an account's: an unknown name
+    is often a password typed into the wrong field, and must not reach the audit log."""
+    if user is None:
+        return actor.event(
+            "auth:login", result, details={"reason": reason, "unknown_user": True}
+        )
+    return actor.event(
+        "auth:login",
+        result,
+        actor=user.username,
+        actor_type="user",
+        object_type="User",
+        object_id=user.id,
+        details={"reason": reason},
+    )
 
 
 def _scope_type(action: str) -> str:

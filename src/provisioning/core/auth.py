@@ -57,6 +57,7 @@ class Identity:
     issued_at: float | None = None
     session: str | None = None  # refresh-token family of a login
     enrol_mfa: bool = False  # must enrol TOTP before doing anything else
+    expires_at: float | None = None  # epoch seconds; an API key's expiry
 
     def principal(self) -> Principal:
         return Principal(
@@ -76,6 +77,7 @@ class Identity:
             "mfa": self.mfa,
             "scopes": None if self.scopes is None else list(self.scopes),
             "key_id": self.key_id,
+            "expires_at": self.expires_at,
         }
 
 
@@ -108,7 +110,7 @@ class Authenticator:
     api_key_cache_s: float = 10.0
     clock: Callable[[], float] = time.monotonic
     _keys: dict[str, tuple[float, Identity]] = field(default_factory=dict)
-    _tokens: dict[str, tuple[float, Identity]] = field(default_factory=dict)
+    _tokens: dict[str, tuple[float, Identity, str]] = field(default_factory=dict)
 
     async def authenticate(self, request: Request) -> Identity | None:
         """The caller, None when the request carries no credentials.
@@ -132,23 +134,25 @@ class Authenticator:
         return None
 
     async def _token(self, token: str) -> Identity:
-        # A verified token is remembered until it expires: the signature check is the costly
-        # part and clients reuse a token for many requests. Revocation is checked every time.
+        # A verified token is remembered until it expires or its signing key leaves the key
+        # set (rotation): the signature check is the costly part and clients reuse a token for
+        # many requests. Revocation is checked every time.
         now = time.time()
         hit = self._tokens.get(token)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > now and await self.verifier.trusts(hit[2]):
             identity = hit[1]
         else:
-            identity, exp = await self._verify(token)
+            self._tokens.pop(token, None)
+            identity, exp, kid = await self._verify(token)
             if len(self._tokens) > 10000:
                 self._tokens.clear()
-            self._tokens[token] = (exp, identity)
+            self._tokens[token] = (exp, identity, kid)
         if await self.provider.revoked(identity.subject, identity.issued_at, identity.session):
             raise Unauthorized("session ended (logged out, user disabled or password changed)")
         return identity
 
-    async def _verify(self, token: str) -> tuple[Identity, float]:
-        claims = await self.verifier.verify(token)
+    async def _verify(self, token: str) -> tuple[Identity, float, str]:
+        claims, kid = await self.verifier.verify_with_kid(token)
         roles = claims.get("roles")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise Unauthorized("token rejected: roles claim missing")
@@ -162,7 +166,7 @@ class Authenticator:
             session=str(claims["sid"]) if claims.get("sid") else None,
             enrol_mfa=bool(claims.get("enrol_mfa", False)),
         )
-        return identity, float(claims["exp"])
+        return identity, float(claims["exp"]), kid
 
     async def _api_key(self, key: str) -> Identity:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -177,7 +181,11 @@ class Authenticator:
         identity = await self.provider.api_key(key)
         if len(self._keys) > 10000:
             self._keys.clear()
-        self._keys[digest] = (now + self.api_key_cache_s, identity)
+        keep = self.api_key_cache_s
+        if identity.expires_at is not None:  # never serve the answer past the key's expiry
+            keep = min(keep, identity.expires_at - time.time())
+        if keep > 0:
+            self._keys[digest] = (now + keep, identity)
         return identity
 
     def forget_key(self, key_id: str) -> None:
@@ -376,8 +384,11 @@ class _MutationAudit:
         who = getattr(state, "identity", None)
         params = request.scope.get("path_params") or {}
         details: dict[str, Any] = {"status": status}
+        created = getattr(state, "audit_object", None)  # (type, id) a route made
         obj = params.get("workflow_id") or params.get("task_id")
-        if obj:
+        if created is not None:
+            details["object_type"], details["object"] = created
+        elif obj:
             details["object"] = obj
             details["object_type"] = "Workflow" if "workflow_id" in params else "Task"
         try:

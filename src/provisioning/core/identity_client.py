@@ -57,6 +57,7 @@ class HttpIdentityProvider:
             kind="apikey",
             scopes=tuple(data["scopes"]) if data.get("scopes") else None,
             key_id=data.get("key_id"),
+            expires_at=float(data["expires_at"]) if data.get("expires_at") else None,
         )
 
     async def revoked(

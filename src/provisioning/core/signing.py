@@ -693,13 +693,30 @@ class TokenVerifier:
         Raises:
             Unauthorized: the token is rejected; ``details["reason"]`` says why in one word.
         """
+        return (await self.verify_with_kid(token))[0]
+
+    async def verify_with_kid(self, token: str) -> tuple[dict[str, Any], str]:
+        """:meth:`verify`, also answering the ``kid`` that signed (for :meth:`trusts`).
+
+        Raises:
+            Unauthorized: the token is rejected; ``details["reason"]`` says why in one word.
+        """
         parsed = _parse(token, self.max_token_bytes)
         key = (await self._fetch(refresh=False)).get(parsed.kid)
         if key is None:
             key = (await self._refresh()).get(parsed.kid)
         if key is None:
             raise _reject("unknown_kid", "unknown signing key")
-        return self._finish(parsed, key)
+        return self._finish(parsed, key), parsed.kid
+
+    async def trusts(self, kid: str) -> bool:
+        """Whether ``kid`` is still in the key set (as cached: no refetch is forced), so a
+        caller that remembers verified tokens drops them when their key leaves the set.
+
+        Raises:
+            Unauthorized: the key set is unavailable (``keys_unavailable``).
+        """
+        return kid in await self._fetch(refresh=False)
 
     def _finish(self, parsed: _Parsed, key: Ed25519PublicKey) -> dict[str, Any]:
         return _finish(

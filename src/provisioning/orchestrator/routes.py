@@ -69,9 +69,12 @@ def build_router(engine: Engine, metrics: Metrics, guard: Guard, started: float)
 
     @r.post("/workflows", status_code=201, tags=["workflows"], summary="Submit a workflow (a DAG)")
     async def submit(
-        spec: Annotated[WorkflowSpec, Body()], who: Identity = need("workflow:create")
+        request: Request,
+        spec: Annotated[WorkflowSpec, Body()],
+        who: Identity = need("workflow:create"),
     ) -> Response:
         wf_id, created = await engine.submit(spec, owner=who.subject)
+        request.state.audit_object = ("Workflow", wf_id)  # for the mutation audit record
         doc = await store.get_workflow(wf_id, with_tasks=True)
         return envelope(doc, status=201 if created else 200)
 
