@@ -576,9 +576,7 @@ def _login_event(actor: Actor, result: str, user: Any, reason: str) -> AuditEven
     """A refused login. The name typed is kept only when it is an account's: an unknown name
     is often a password typed into the wrong field, and must not reach the audit log."""
     if user is None:
-        return actor.event(
-            "auth:login", result, details={"reason": reason, "unknown_user": True}
-        )
+        return actor.event("auth:login", result, details={"reason": reason, "unknown_user": True})
     return actor.event(
         "auth:login",
         result,
