@@ -9,8 +9,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, update
 from sqlalchemy.engine import Connection
 
-from provisioning.core.settings import to_async_url
-from provisioning.core.store import Database, open_database
+from provisioning.core.store import Database, open_database, to_async_url
 from provisioning.orchestrator.store import WorkflowStore
 
 meta = MetaData()

@@ -1,6 +1,7 @@
 """Real orchestrator worker processes for end-to-end tests.
 
-A :class:`Worker` is one ``prvng serve orchestrator`` process: started with argv (no wrapper
+A :class:`Worker` is one ``prvng serve orchestrator`` process (a :class:`ControlCenterProc`
+one ``prvng serve control-center``): started with argv (no wrapper
 shell, so its pid is the orchestrator itself), its output appended to a log file, health polled
 with a deadline, ``kill -9`` on demand. Every process a test starts, task processes included,
 carries a marker in its environment, so :meth:`WorkerPool.close` finds and kills whatever is
@@ -23,7 +24,16 @@ import httpx
 
 from tests.conftest import TERMINAL, free_port
 
-__all__ = ["Worker", "WorkerPool", "get_workflow", "pids_with_env", "submit", "wait_workflow"]
+__all__ = [
+    "ControlCenterProc",
+    "ServiceProc",
+    "Worker",
+    "WorkerPool",
+    "get_workflow",
+    "pids_with_env",
+    "submit",
+    "wait_workflow",
+]
 
 MARKER_ENV = "PRVNG_E2E_MARKER"
 # Fast leases and polling so crashes are noticed within the test's time budget.
@@ -65,14 +75,13 @@ def _kill_pids(pids: list[int]) -> None:
 
 
 @dataclass
-class Worker:
-    """One orchestrator worker process; restartable with the very same command."""
+class ServiceProc:
+    """One ``prvng serve <service>`` process; restartable with the very same command."""
 
-    worker_id: str
+    name: str
     data_dir: Path
     marker: str
-    state_url: str | None = None
-    max_parallel: int = 8
+    env: dict[str, str] = field(default_factory=dict)  # on top of FAST_ENV
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     lives: int = 0
@@ -83,22 +92,22 @@ class Worker:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir.parent / f"{self.worker_id}.out.log"
+        return self.data_dir.parent / f"{self.name}.out.log"
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "provisioning.cli.main", "serve", "orchestrator"]
-        argv += ["--port", str(self.port), "--data-dir", str(self.data_dir)]
-        argv += ["--worker-id", self.worker_id, "--max-parallel", str(self.max_parallel)]
-        if self.state_url:
-            argv += ["--state-url", self.state_url]
-        return argv
+        raise NotImplementedError
+
+    def is_me(self, health: dict[str, Any]) -> bool:
+        """Whether a ``/health`` answer's data comes from this process."""
+        return True
 
     def start(self) -> None:
-        """Start the worker process (not waiting for it to be healthy)."""
-        assert self.proc is None or self.proc.poll() is not None, "worker already running"
+        """Start the process (not waiting for it to be healthy)."""
+        assert self.proc is None or self.proc.poll() is not None, f"{self.name} already running"
         self.lives += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRVNG_")}
         env.update(FAST_ENV)
+        env.update(self.env)
         env[MARKER_ENV] = self.marker
         with self.log_path.open("ab") as out:
             out.write(f"===== life {self.lives}: {' '.join(self.argv())}\n".encode())
@@ -113,7 +122,7 @@ class Worker:
             )
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Poll ``GET /health`` until this worker answers as itself.
+        """Poll ``GET /health`` until this process answers as itself.
 
         Raises:
             AssertionError: the process exited or did not answer within ``timeout``.
@@ -125,26 +134,32 @@ class Worker:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise AssertionError(
-                        f"worker {self.worker_id} exited with {self.proc.returncode} before "
+                        f"{self.name} exited with {self.proc.returncode} before "
                         f"being healthy:\n{self.log_tail()}"
                     )
                 try:
                     r = client.get(f"{self.url}/health")
-                    if r.status_code == 200 and r.json()["data"]["worker"] == self.worker_id:
+                    if r.status_code == 200 and self.is_me(r.json()["data"]):
                         return
                     last = f"HTTP {r.status_code}: {r.text[:200]}"
                 except httpx.HTTPError as exc:
                     last = repr(exc)
                 time.sleep(0.05)
         raise AssertionError(
-            f"worker {self.worker_id} not healthy after {timeout}s ({last}):\n{self.log_tail()}"
+            f"{self.name} not healthy after {timeout}s ({last}):\n{self.log_tail()}"
         )
 
     def kill9(self) -> None:
-        """SIGKILL the orchestrator process itself and reap it."""
-        assert self.proc is not None and self.proc.poll() is None, "worker not running"
+        """SIGKILL the service process itself and reap it."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} not running"
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM (a graceful stop) and wait; answer the exit code."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} not running"
+        self.proc.terminate()
+        return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -159,18 +174,60 @@ class Worker:
         return "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass
+class Worker(ServiceProc):
+    """One orchestrator worker process (``name`` is its worker id)."""
+
+    state_url: str | None = None
+    max_parallel: int = 8
+
+    @property
+    def worker_id(self) -> str:
+        return self.name
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "provisioning.cli.main", "serve", "orchestrator"]
+        argv += ["--port", str(self.port), "--data-dir", str(self.data_dir)]
+        argv += ["--worker-id", self.worker_id, "--max-parallel", str(self.max_parallel)]
+        if self.state_url:
+            argv += ["--state-url", self.state_url]
+        return argv
+
+    def is_me(self, health: dict[str, Any]) -> bool:
+        return bool(health.get("worker") == self.worker_id)
+
+
+@dataclass
+class ControlCenterProc(ServiceProc):
+    """One control center process."""
+
+    state_url: str | None = None
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "provisioning.cli.main", "serve", "control-center"]
+        argv += ["--port", str(self.port), "--data-dir", str(self.data_dir)]
+        if self.state_url:
+            argv += ["--state-url", self.state_url]
+        return argv
+
+
 class WorkerPool:
     """The workers of one test; :meth:`close` kills them and every process they started."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.marker = uuid.uuid4().hex
-        self.workers: list[Worker] = []
+        self.workers: list[ServiceProc] = []
 
     def add(self, worker_id: str, **kw: Any) -> Worker:
         w = Worker(worker_id, self.tmp_path / f"data-{worker_id}", self.marker, **kw)
         self.workers.append(w)
         return w
+
+    def add_control_center(self, name: str = "control-center", **kw: Any) -> ControlCenterProc:
+        cc = ControlCenterProc(name, self.tmp_path / f"data-{name}", self.marker, **kw)
+        self.workers.append(cc)
+        return cc
 
     def leftovers(self) -> list[int]:
         return pids_with_env(f"{MARKER_ENV}={self.marker}")
@@ -188,7 +245,7 @@ class WorkerPool:
             time.sleep(0.05)
         # Shown by pytest only when the test failed.
         for w in self.workers:
-            print(f"----- log of worker {w.worker_id} ({w.lives} lives)\n{w.log_tail(200)}")
+            print(f"----- log of {w.name} ({w.lives} lives)\n{w.log_tail(200)}")
 
 
 def get_workflow(url: str, wf_id: str) -> dict[str, Any]:

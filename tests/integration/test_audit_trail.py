@@ -36,6 +36,8 @@ NOT_MUTATIONS = {
     ("control-center", "POST", "/auth/introspect"),
     ("control-center", "POST", "/auth/user-state"),
     ("control-center", "POST", "/authz/check"),
+    # Records other services' events: what it writes is the audit (tests/e2e/test_standalone_*).
+    ("control-center", "POST", "/audit/ingest"),
 }
 SLEEPER = {"name": "sleeper", "tasks": [{"name": "wait", "command": ["sleep", "60"]}]}
 QUICK = {"name": "quick", "tasks": [{"name": "a", "action": "noop"}]}

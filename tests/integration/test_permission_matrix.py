@@ -138,6 +138,17 @@ BODIES: dict[tuple[str, str], Callable[[World], Any]] = {
     ("POST", "/authz/check"): lambda w: {"action": "workflow:read"},
     ("POST", "/auth/mfa/confirm"): _mfa_code,
     ("POST", "/auth/logout"): lambda w: {},
+    ("POST", "/audit/ingest"): lambda w: {
+        "events": [
+            {
+                "id": str(uuid.uuid4()),
+                "action": "workflow:create",
+                "result": "success",
+                "actor_type": "user",
+                "service": "matrix",
+            }
+        ]
+    },
 }
 
 

@@ -30,8 +30,7 @@ from provisioning.control_center.audit_log import (
 )
 from provisioning.control_center.tables_audit import audit_metadata, cc_audit
 from provisioning.core.errors import ValidationError
-from provisioning.core.settings import to_async_url
-from provisioning.core.store import Database, open_database
+from provisioning.core.store import Database, open_database, to_async_url
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 

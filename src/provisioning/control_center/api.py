@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ApiKeyCreate",
+    "AuditIngest",
     "AuthzCheck",
     "AuthzResource",
+    "ForwardedEvent",
     "IntrospectRequest",
     "LoginRequest",
     "LogoutRequest",
@@ -43,6 +47,9 @@ class IntrospectRequest(_Model):
 
 class UserStateRequest(_Model):
     user_id: str = Field(min_length=1, max_length=64)
+    session: str | None = Field(
+        None, max_length=64, description="A token's `sid`: is that login still on?"
+    )
 
 
 class MfaConfirm(_Model):
@@ -79,3 +86,23 @@ class AuthzResource(_Model):
 class AuthzCheck(_Model):
     action: str = Field(min_length=1, max_length=100)
     resource: AuthzResource = Field(default_factory=AuthzResource)
+
+
+class ForwardedEvent(_Model):
+    """One audit event of another service (see core.audit_relay)."""
+
+    id: str = Field(min_length=1, max_length=36, description="Recorded once per id.")
+    action: str = Field(min_length=1, max_length=100, pattern=r"^[a-z_-]+:[a-z_-]+$")
+    result: Literal["success", "denied", "failure", "error"]
+    actor: str | None = Field(None, max_length=200)
+    actor_type: Literal["user", "apikey", "anonymous", "system"]
+    object_type: str | None = Field(None, max_length=100)
+    object_id: str | None = Field(None, max_length=200)
+    source: str | None = Field(None, max_length=100)
+    request_id: str | None = Field(None, max_length=100)
+    service: str = Field(min_length=1, max_length=100)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class AuditIngest(_Model):
+    events: list[ForwardedEvent] = Field(min_length=1, max_length=500)

@@ -9,8 +9,9 @@ from fastapi import FastAPI, Request
 
 from provisioning import __version__
 from provisioning.control_center.audit_log import AuditEvent
-from provisioning.control_center.routes import actor_of, build_router
+from provisioning.control_center.routes import build_router
 from provisioning.control_center.service import IdentityService
+from provisioning.core.audit_relay import audit_event
 from provisioning.core.auth import Authenticator, Guard, Identity
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
@@ -66,21 +67,8 @@ class ControlCenterService:
             result: str,
             details: dict[str, Any],
         ) -> None:
-            actor = actor_of(request, who)
-            await self.identity.audit(
-                AuditEvent(
-                    action=action,
-                    result=result,  # type: ignore[arg-type]
-                    actor=who.username if who else None,
-                    actor_type=who.kind if who else "anonymous",  # type: ignore[arg-type]
-                    object_type=details.pop("object_type", None),
-                    object_id=details.pop("object", None),
-                    source=actor.source,
-                    request_id=actor.request_id,
-                    service=service,
-                    details={"method": request.method, "path": request.url.path, **details},
-                )
-            )
+            event = audit_event(request, who, action, result, details, service)
+            await self.identity.audit(AuditEvent(**event))
 
         return hook
 

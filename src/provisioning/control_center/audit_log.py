@@ -231,11 +231,18 @@ def _record(row: Row[Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- writing
 
 
-def append(conn: Connection, event: AuditEvent, *, now: datetime | None = None) -> dict[str, Any]:
+def append(
+    conn: Connection,
+    event: AuditEvent,
+    *,
+    now: datetime | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
     """Append ``event`` to the chain inside the caller's transaction; return the stored record.
 
     The record is a JSON-ready dict of every column (``ts`` as an RFC 3339 string), the same
-    shape :func:`query` returns. ``details`` are redacted first.
+    shape :func:`query` returns. ``details`` are redacted first. ``event_id`` keeps the id a
+    forwarding service gave the event (unique: a second append of it fails).
 
     Raises:
         ValidationError: ``action`` is empty, or ``actor_type``/``result`` is not a known value.
@@ -257,7 +264,7 @@ def append(conn: Connection, event: AuditEvent, *, now: datetime | None = None) 
     ts = _utc(now or datetime.now(UTC))
     record: dict[str, Any] = {
         "seq": seq,
-        "id": str(uuid.uuid4()),
+        "id": event_id or str(uuid.uuid4()),
         "ts": _rfc3339(ts),
         "actor": _text("actor", event.actor),
         "actor_type": event.actor_type,
@@ -342,6 +349,7 @@ def _filters(
     result: str | None,
     since: datetime | None,
     until: datetime | None,
+    service: str | None = None,
 ) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
     if actor is not None:
@@ -356,6 +364,8 @@ def _filters(
         where.append(cc_audit.c.object_type == object_type)
     if object_id is not None:
         where.append(cc_audit.c.object_id == object_id)
+    if service is not None:
+        where.append(cc_audit.c.service == service)
     if result is not None:
         if result not in _RESULTS:
             raise ValidationError(f"result must be one of {sorted(_RESULTS)}", field="result")
@@ -378,6 +388,7 @@ def query(
     result: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    service: str | None = None,
     limit: int = 100,
     offset: int = 0,
     newest_first: bool = False,
@@ -402,6 +413,7 @@ def query(
         result=result,
         since=since,
         until=until,
+        service=service,
     )
     order = cc_audit.c.seq.desc() if newest_first else cc_audit.c.seq
     stmt = select(cc_audit).where(*where).order_by(order).limit(limit).offset(offset)
@@ -418,6 +430,7 @@ def export_lines(
     result: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    service: str | None = None,
     after_seq: int = 0,
     page_size: int = _PAGE,
 ) -> Iterator[str]:
@@ -438,6 +451,7 @@ def export_lines(
         result=result,
         since=since,
         until=until,
+        service=service,
     )
     while True:
         stmt = (

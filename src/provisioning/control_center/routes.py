@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from provisioning import __version__
 from provisioning.control_center.api import (
     ApiKeyCreate,
+    AuditIngest,
     AuthzCheck,
     IntrospectRequest,
     LoginRequest,
@@ -92,7 +93,7 @@ def build_router(svc: IdentityService, guard: Guard, started: float) -> APIRoute
 
     @r.post("/auth/user-state", tags=["auth"], summary="Revocation state of a user (services)")
     async def user_state(body: UserStateRequest) -> Response:
-        return envelope(await svc.user_state(body.user_id))
+        return envelope(await svc.user_state(body.user_id, body.session))
 
     @r.post("/auth/logout", tags=["auth"], summary="End this login")
     async def logout(
@@ -207,8 +208,10 @@ def build_router(svc: IdentityService, guard: Guard, started: float) -> APIRoute
         result: str | None,
         since: datetime | None,
         until: datetime | None,
+        service: str | None = None,
     ) -> dict[str, Any]:
         return {
+            "service": service,
             "actor": actor,
             "action": action,
             "object_type": object_type,
@@ -227,6 +230,7 @@ def build_router(svc: IdentityService, guard: Guard, started: float) -> APIRoute
         result: Annotated[str | None, Query(pattern="^(success|denied|failure|error)$")] = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        service: Annotated[str | None, Query(max_length=100)] = None,
         limit: Limit = 100,
         offset: Offset = 0,
         who: Identity = need("audit:read"),
@@ -234,7 +238,7 @@ def build_router(svc: IdentityService, guard: Guard, started: float) -> APIRoute
         rows = await svc.audit_query(
             limit=limit,
             offset=offset,
-            **_filters(actor, action, object_type, object_id, result, since, until),
+            **_filters(actor, action, object_type, object_id, result, since, until, service),
         )
         return envelope(rows)
 
@@ -248,6 +252,14 @@ def build_router(svc: IdentityService, guard: Guard, started: float) -> APIRoute
     ) -> Response:
         lines = await svc.audit_export(**_filters(actor, action, None, None, None, since, until))
         return PlainTextResponse("".join(lines), media_type="application/x-ndjson")
+
+    @r.post(
+        "/audit/ingest",
+        tags=["audit"],
+        summary="Record audit events forwarded by another service (service API key)",
+    )
+    async def audit_ingest(body: AuditIngest, who: Identity = need("audit:write")) -> Response:
+        return envelope(await svc.ingest([e.model_dump() for e in body.events], who))
 
     @r.get("/audit/verify", tags=["audit"], summary="Check the hash chain of the audit log")
     async def audit_verify(who: Identity = need("audit:read")) -> Response:

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from provisioning.control_center import audit_log, identity, mfa, passwords
 from provisioning.control_center.audit_log import AuditEvent
 from provisioning.control_center.tables import users
+from provisioning.control_center.tables_audit import cc_audit
 from provisioning.control_center.throttle import Throttle, retry_after
 from provisioning.core.auth import Identity
 from provisioning.core.clock import as_utc
@@ -452,7 +454,14 @@ class IdentityService:
         unknown = sorted(set(scopes) - set(ACTIONS))
         if unknown:
             raise ValidationError(f"unknown scope(s): {', '.join(unknown)}", field="scopes")
+        # Decide as the key would be asked: scoped to what it asks for (so a scope only keys
+        # may hold, such as audit:write, is judged as one), within the owner's own scopes.
         principal = owner.principal()
+        if scopes:
+            wanted = frozenset(scopes)
+            principal = replace(
+                principal, scopes=wanted if principal.scopes is None else wanted & principal.scopes
+            )
         for scope in scopes:
             probe = Resource("Platform", "platform")
             kind = _scope_type(scope)
@@ -542,18 +551,47 @@ class IdentityService:
             self._sessions[session] = state
         return state[1]
 
-    async def user_state(self, user_id: str) -> dict[str, Any]:
-        """Disabled flag and the time before which its tokens are dead (for other services)."""
-        row = await self.db.run_read(
-            lambda c: c.execute(users.select().where(users.c.id == user_id)).first()
-        )
+    async def user_state(self, user_id: str, session: str | None = None) -> dict[str, Any]:
+        """Disabled flag, the time before which its tokens are dead, and whether the login
+        ``session`` (a token's ``sid``) has ended (for other services)."""
+
+        def body(conn: Connection) -> tuple[Any, bool]:
+            row = conn.execute(users.select().where(users.c.id == user_id)).first()
+            ended = session is not None and identity.family_revoked(conn, session)
+            return row, ended
+
+        row, ended = await self.db.run_read(body)
         if row is None:
             raise NotFound(f"user {user_id} not found")
         valid_after = as_utc(row.sessions_valid_after)
         assert valid_after is not None
-        return {"disabled": bool(row.disabled), "sessions_valid_after": valid_after.timestamp()}
+        return {
+            "disabled": bool(row.disabled),
+            "sessions_valid_after": valid_after.timestamp(),
+            "session_ended": ended,
+        }
 
     # ------------------------------------------------------------------ audit
+
+    async def ingest(self, events: Sequence[Mapping[str, Any]], by: Identity) -> dict[str, int]:
+        """Record audit events forwarded by another service, each id once (a batch sent
+        again after a lost answer records nothing twice); all in one transaction."""
+
+        def body(conn: Connection) -> dict[str, int]:
+            ids = [str(e["id"]) for e in events]
+            seen = set(conn.execute(select(cc_audit.c.id).where(cc_audit.c.id.in_(ids))).scalars())
+            recorded = 0
+            for e in events:
+                if e["id"] in seen:
+                    continue
+                seen.add(e["id"])
+                fields = {k: v for k, v in e.items() if k not in ("id", "details")}
+                details = {**e.get("details", {}), "forwarded_by": f"prvng_{by.key_id}"}
+                audit_log.append(conn, AuditEvent(**fields, details=details), event_id=e["id"])
+                recorded += 1
+            return {"recorded": recorded, "duplicates": len(events) - recorded}
+
+        return await self.db.run_write(body)
 
     async def audit_query(self, **filters: Any) -> list[dict[str, Any]]:
         return await self.db.run_read(lambda c: audit_log.query(c, **filters))

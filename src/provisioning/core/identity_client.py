@@ -1,9 +1,10 @@
 """The :class:`~provisioning.core.auth.IdentityProvider` of a service running apart from the
 control center (``prvng serve <service>``): API keys and revocation state over HTTP.
 
-API-key answers are cached by the authenticator; user states here for ``state_cache_s`` (so a
-disabled user is refused within that many seconds on other processes; immediately in the
-embedded platform, which shares the control center's in-process provider).
+API-key answers are cached by the authenticator; user and login states here for
+``state_cache_s`` (so a disabled user or a logged-out login is refused within that many seconds
+on other processes; immediately in the embedded platform, which shares the control center's
+in-process provider).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class HttpIdentityProvider:
         self._transport = transport
         self._timeout = timeout_s
         self._cache_s = state_cache_s
-        self._states: dict[str, tuple[float, bool, float]] = {}
+        self._states: dict[str, tuple[float, bool, float, bool]] = {}
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         async with httpx.AsyncClient(
@@ -63,18 +64,27 @@ class HttpIdentityProvider:
     async def revoked(
         self, user_id: str, issued_at: float | None, session: str | None = None
     ) -> bool:
-        # ``session`` is not asked about over HTTP yet: in a separate process an access token
-        # of a logged-out login lives on until it expires (access_ttl_s).
+        # One answer per (user, login) for state_cache_s: a logout or a disabled user is seen
+        # by this service within that many seconds; an ended login is remembered for good.
         now = time.monotonic()
-        state = self._states.get(user_id)
-        if state is None or now - state[0] > self._cache_s:
+        key = f"{user_id}/{session or ''}"
+        state = self._states.get(key)
+        if state is None or (not state[3] and now - state[0] > self._cache_s):
+            body: dict[str, Any] = {"user_id": user_id}
+            if session is not None:
+                body["session"] = session
             try:
-                data = await self._post("/auth/user-state", {"user_id": user_id})
+                data = await self._post("/auth/user-state", body)
             except Unauthorized:
                 return True
-            state = (now, bool(data["disabled"]), float(data["sessions_valid_after"]))
+            state = (
+                now,
+                bool(data["disabled"]),
+                float(data["sessions_valid_after"]),
+                bool(data.get("session_ended", False)),
+            )
             if len(self._states) > 100000:
                 self._states.clear()
-            self._states[user_id] = state
-        _at, disabled, valid_after = state
-        return disabled or (issued_at is not None and issued_at < valid_after)
+            self._states[key] = state
+        _at, disabled, valid_after, ended = state
+        return ended or disabled or (issued_at is not None and issued_at < valid_after)

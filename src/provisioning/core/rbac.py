@@ -72,6 +72,7 @@ ACTIONS: dict[str, str] = {
     "apikey:admin": "list and revoke anybody's API keys",
     "audit:read": "search the audit log",
     "audit:export": "export the audit log",
+    "audit:write": "forward another service's audit events into the log (service API keys)",
     "config:read": "read workspace configuration",
     "config:write": "edit workspace configuration",
     "system:read": "see service health and metrics",

@@ -19,6 +19,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from provisioning.core.errors import ConfigError
 from provisioning.core.nickel import contract, evaluate_file
+from provisioning.core.store.base import to_async_url
 
 __all__ = [
     "ControlCenterSettings",
@@ -121,6 +122,12 @@ class ControlCenterSettings(_Section):
         description="URL other services use to reach the control center (JWKS, API keys); "
         "empty: http://host:port.",
     )
+    service_api_key: str = Field(
+        "",
+        description="API key (scope audit:write) with which a service running apart from the "
+        "control center forwards its audit events; empty: they wait in the service's outbox.",
+        repr=False,
+    )
     mfa_required_roles: list[str] = Field(
         default_factory=list,
         description="Users holding one of these roles must use TOTP; until they enrol, their "
@@ -164,16 +171,6 @@ class Settings(_Section):
     @property
     def run_dir(self) -> Path:
         return self.home / "run"
-
-
-def to_async_url(url: str) -> str:
-    """Map a user-facing database URL to its async SQLAlchemy driver URL."""
-    if url.startswith("sqlite:///"):
-        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url.removeprefix(prefix)
-    return url
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

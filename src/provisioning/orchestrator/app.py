@@ -7,7 +7,8 @@ import time
 from fastapi import FastAPI
 
 from provisioning import __version__
-from provisioning.core.auth import Authenticator, Guard, install_mutation_audit
+from provisioning.core.audit_relay import AuditRelay, HttpAuditSender, outbox_hook
+from provisioning.core.auth import AuditHook, Authenticator, Guard, install_mutation_audit
 from provisioning.core.identity_client import HttpIdentityProvider
 from provisioning.core.logging import get_logger
 from provisioning.core.rbac import Authorizer
@@ -19,15 +20,17 @@ from provisioning.orchestrator.engine import Engine
 from provisioning.orchestrator.metrics import Metrics
 from provisioning.orchestrator.routes import build_router
 from provisioning.orchestrator.store import WorkflowStore
+from provisioning.orchestrator.tables import audit_outbox
 
 __all__ = ["OrchestratorService", "standalone_guard"]
 
 log = get_logger("orchestrator")
 
 
-def standalone_guard(settings: Settings) -> Guard:
+def standalone_guard(settings: Settings, audit: AuditHook | None = None) -> Guard:
     """Authentication for an orchestrator running apart from the control center: tokens
-    verified against its JWKS, API keys and revocations asked over HTTP; Cedar in-process."""
+    verified against its JWKS, API keys and revocations asked over HTTP; Cedar in-process;
+    audit events to ``audit`` (the outbox)."""
     authorizer = Authorizer([settings.home / "config" / "policies"])
     if settings.orchestrator.auth == "disabled":
         log.warning("authentication is DISABLED: anyone reaching this port can do anything")
@@ -38,7 +41,7 @@ def standalone_guard(settings: Settings) -> Guard:
         audience=settings.control_center.audience,
         issuer=settings.control_center.issuer,
     )
-    return Guard(Authenticator(verifier, HttpIdentityProvider(cc)), authorizer)
+    return Guard(Authenticator(verifier, HttpIdentityProvider(cc)), authorizer, audit=audit)
 
 
 class OrchestratorService:
@@ -59,7 +62,16 @@ class OrchestratorService:
         self.db: Database = db or open_database(
             settings.state_url, sqlite_synchronous=settings.state.sqlite_synchronous
         )
-        self.guard = guard or standalone_guard(settings)
+        # Standalone (no guard handed in): audit events go to an outbox in this store and a
+        # relay carries them to the control center.
+        self.audit_relay: AuditRelay | None = None
+        if guard is None:
+            guard = standalone_guard(settings, outbox_hook(self.db, audit_outbox, "orchestrator"))
+            if guard.authenticator is not None:
+                key = settings.control_center.service_api_key
+                sender = HttpAuditSender(settings.control_center_url, key) if key else None
+                self.audit_relay = AuditRelay(self.db, audit_outbox, sender)
+        self.guard = guard
         self.store = WorkflowStore(self.db)
         self.engine = Engine(
             self.store, settings.orchestrator, settings.logs_dir, worker_id=worker_id
@@ -92,8 +104,17 @@ class OrchestratorService:
         """Migrate the store, recover, start scheduling."""
         await self.store.migrate()
         await self.engine.start()
+        if self.audit_relay is not None:
+            if self.audit_relay.sender is None:
+                log.warning(
+                    "no control_center.service_api_key: audit events are kept in this "
+                    "orchestrator's outbox until one is set (see docs/reference/access-control.md)"
+                )
+            self.audit_relay.start()
 
     async def stop(self, *, kill_running: bool = False) -> None:
         await self.engine.stop(kill_running=kill_running)
+        if self.audit_relay is not None:
+            await self.audit_relay.stop()
         if self._own_db:
             await self.db.close()

@@ -97,3 +97,14 @@ attempts = Table(
     Column("log_path", Text, nullable=True),
 )
 Index("ix_orch_attempts_task", attempts.c.task_id, attempts.c.number)
+
+# Audit events of a standalone orchestrator waiting to reach the control center
+# (core.audit_relay); empty in the embedded platform, which records them directly.
+audit_outbox = Table(
+    "orch_audit_outbox",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("event", JSON, nullable=False),
+)
+Index("ix_orch_audit_outbox_created", audit_outbox.c.created_at)

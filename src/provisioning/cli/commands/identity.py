@@ -291,6 +291,9 @@ def audit_list(
         str | None, typer.Option(help="Action, e.g. auth:login or workflow:*.")
     ] = None,
     result: Annotated[str | None, typer.Option(help="success, denied, failure or error.")] = None,
+    service: Annotated[
+        str | None, typer.Option(help="Service that recorded it, e.g. orchestrator.")
+    ] = None,
     since: Annotated[str | None, typer.Option(help="From this time (ISO 8601).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     offset: Annotated[int, typer.Option(min=0)] = 0,
@@ -303,6 +306,7 @@ def audit_list(
         actor=actor,
         action=action,
         result=result,
+        service=service,
         since=since,
         limit=limit,
         offset=offset,

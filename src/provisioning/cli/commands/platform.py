@@ -34,12 +34,14 @@ app = typer.Typer(
 Host = Annotated[
     str | None,
     typer.Option(
-        "--host", help="Address the orchestrator binds to [env PRVNG_ORCHESTRATOR__HOST]."
+        "--host", help="Address the orchestrator binds to \\[env PRVNG_ORCHESTRATOR__HOST]."
     ),
 ]
 Port = Annotated[
     int | None,
-    typer.Option("--port", help="Orchestrator port, default 8080 [env PRVNG_ORCHESTRATOR__PORT]."),
+    typer.Option(
+        "--port", help="Orchestrator port, default 8080 \\[env PRVNG_ORCHESTRATOR__PORT]."
+    ),
 ]
 
 

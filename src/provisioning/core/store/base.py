@@ -48,13 +48,26 @@ class Database(Protocol):
         ...
 
 
+def to_async_url(url: str) -> str:
+    """Map a user-facing database URL to its async SQLAlchemy driver URL."""
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+    return url
+
+
 def open_database(url: str, *, sqlite_synchronous: str = "FULL") -> Database:
-    """Open the store for an async SQLAlchemy URL (``sqlite+aiosqlite`` or ``postgresql+asyncpg``).
+    """Open the store for a database URL: ``sqlite:///<path>``, ``postgresql://…`` or their
+    async SQLAlchemy forms (``sqlite+aiosqlite``, ``postgresql+asyncpg``).
 
     Raises:
         ConfigError: the URL names no supported backend.
     """
     from provisioning.core.errors import ConfigError
+
+    url = to_async_url(url)
 
     if url.startswith(("sqlite+aiosqlite://", "sqlite://")):
         from provisioning.core.store.sqlite import SqliteDatabase

@@ -52,7 +52,7 @@ class SqliteDatabase:
             cur = dbapi.cursor()
             # busy_timeout first: switching to WAL needs a lock another connection may hold.
             cur.execute("PRAGMA busy_timeout=10000")
-            cur.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cur)
             cur.execute(f"PRAGMA synchronous={sync}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
@@ -89,3 +89,22 @@ class SqliteDatabase:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.engine.dispose()
+
+
+def _set_wal(cur: Any) -> None:
+    """Switch to WAL. Two connections opening a new file at once can get "database is locked"
+    here without the busy handler being called (the mode change takes an exclusive lock), so
+    retry for up to 10 s."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + 10.0
+    for _ in range(1000):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    cur.execute("PRAGMA journal_mode=WAL")
