@@ -28,9 +28,10 @@ test: $(STAMP) services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench extensions
+	$(BIN)/ruff format --check src tests bench extensions
 	$(BIN)/mypy src
+	for d in extensions/*/*/; do $(BIN)/mypy --strict "$$d" || exit 1; done
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench

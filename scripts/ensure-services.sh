@@ -27,3 +27,24 @@ if ! pg_ready; then
   for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
 fi
 pg_ready || { echo "ensure-services: PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
+
+# Programs the provisioning-domain tests run on `local` servers (task services) and the sshd the
+# `ssh` provider tests start on a loopback port. Installed from Debian's packages when missing.
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+[ -x /usr/sbin/nginx ] || need+=(nginx-light)
+[ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "ensure-services: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Debian's packages start their daemons on install; the tests start their own.
+for svc in nginx ssh; do
+  if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
+done

@@ -8,15 +8,11 @@ console script calls) with `--data-dir` in a temp dir; the platform is started w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,88 +21,14 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from tests.e2e.platform_proc import REPO, Platform, prvng, running_platform, show
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "workflows"
-
-
-@dataclass
-class Platform:
-    data_dir: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def pid(self) -> int | None:
-        try:
-            return int((self.data_dir / "run" / "platform.pid").read_text("utf-8").split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-
-def prvng(
-    *args: str,
-    data_dir: Path,
-    url: str | None = None,
-    timeout: float = 120,
-    stdin: str = "",
-) -> subprocess.CompletedProcess[str]:
-    """Run one `prvng` command in its own process; `url` adds `--url`."""
-    argv = [sys.executable, "-m", "provisioning.cli.main", "--data-dir", str(data_dir)]
-    if url is not None:
-        argv += ["--url", url]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRVNG_")}
-    # The login of `prvng login` lives beside the data dir, not in the real home.
-    env["XDG_CONFIG_HOME"] = str(data_dir.parent / "config-home")
-    return subprocess.run(
-        [*argv, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-        input=stdin,
-    )
-
-
-def _show(proc: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-
-
-@contextlib.contextmanager
-def _platform(data_dir: Path) -> Iterator[Platform]:
-    plat = Platform(data_dir=data_dir, port=free_port())
-    # The control center's port, for the platform and every later command of this data dir.
-    (data_dir / "config").mkdir(parents=True)
-    (data_dir / "config" / "platform.ncl").write_text(
-        f"{{ control_center = {{ port = {free_port()} }} }}\n", encoding="utf-8"
-    )
-    started = prvng(
-        "platform", "start", "--background", "--port", str(plat.port), data_dir=data_dir
-    )
-    assert started.returncode == 0, _show(started)
-    assert plat.url in started.stdout, _show(started)
-    match = re.search(r"user admin created with password (\S+)", started.stdout)
-    assert match, _show(started)
-    logged = prvng(
-        "login", "-u", "admin", "--password-stdin", data_dir=data_dir, stdin=match[1] + "\n"
-    )
-    assert logged.returncode == 0, _show(logged)
-    try:
-        yield plat
-    finally:
-        pid = plat.pid()
-        prvng("platform", "stop", "--timeout", "20", data_dir=data_dir)
-        if pid is not None and psutil.pid_exists(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    with _platform(tmp_path_factory.mktemp("cli") / "home") as plat:
+    with running_platform(tmp_path_factory.mktemp("cli") / "home") as plat:
         yield plat
 
 
@@ -121,14 +43,14 @@ def hello(platform: Platform) -> dict[str, Any]:
         data_dir=platform.data_dir,
         url=platform.url,
     )
-    assert done.returncode == 0, _show(done)
-    assert "Completed" in done.stdout, _show(done)
+    assert done.returncode == 0, show(done)
+    assert "Completed" in done.stdout, show(done)
     [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("workflow ")]
     wf_id = line.split()[1]
     shown = prvng(
         "--output", "json", "workflow", "show", wf_id, data_dir=platform.data_dir, url=platform.url
     )
-    assert shown.returncode == 0, _show(shown)
+    assert shown.returncode == 0, show(shown)
     return dict(json.loads(shown.stdout))
 
 
@@ -149,7 +71,7 @@ def test_workflow_list_as_json_is_a_list_holding_the_workflow(
     listed = prvng(
         "--output", "json", "workflow", "list", data_dir=platform.data_dir, url=platform.url
     )
-    assert listed.returncode == 0, _show(listed)
+    assert listed.returncode == 0, show(listed)
     rows = json.loads(listed.stdout)
     assert isinstance(rows, list)
     [row] = [r for r in rows if r["id"] == hello["id"]]
@@ -160,12 +82,12 @@ def test_workflow_show_prints_the_workflow_and_its_tasks(
     platform: Platform, hello: dict[str, Any]
 ) -> None:
     shown = prvng("workflow", "show", hello["id"], data_dir=platform.data_dir, url=platform.url)
-    assert shown.returncode == 0, _show(shown)
+    assert shown.returncode == 0, show(shown)
     out = shown.stdout
-    assert hello["id"] in out and "Completed" in out, _show(shown)
+    assert hello["id"] in out and "Completed" in out, show(shown)
     for name in ("make-id", "greet", "nap", "report"):
-        assert name in out, _show(shown)
-    assert "nap (soft)" in out, _show(shown)
+        assert name in out, show(shown)
+    assert "nap (soft)" in out, show(shown)
 
 
 def test_task_list_as_yaml_holds_the_workflows_tasks(
@@ -181,7 +103,7 @@ def test_task_list_as_yaml_holds_the_workflows_tasks(
         data_dir=platform.data_dir,
         url=platform.url,
     )
-    assert listed.returncode == 0, _show(listed)
+    assert listed.returncode == 0, show(listed)
     rows = yaml.safe_load(listed.stdout)
     assert isinstance(rows, list)
     assert {r["name"] for r in rows} == {"make-id", "greet", "nap", "report"}
@@ -198,47 +120,47 @@ def test_submitting_a_workflow_that_rolls_back_with_wait_exits_1(platform: Platf
         data_dir=platform.data_dir,
         url=platform.url,
     )
-    assert done.returncode == 1, _show(done)
-    assert "RolledBack" in done.stdout, _show(done)
-    assert "operation_failed" in done.stderr and "RolledBack" in done.stderr, _show(done)
+    assert done.returncode == 1, show(done)
+    assert "RolledBack" in done.stdout, show(done)
+    assert "operation_failed" in done.stderr and "RolledBack" in done.stderr, show(done)
 
 
 def test_a_closed_port_exits_3_saying_the_orchestrator_is_not_reachable(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     listed = prvng("workflow", "list", data_dir=tmp_path / "home", url=url)
-    assert listed.returncode == 3, _show(listed)
-    assert f"orchestrator at {url} is not reachable" in listed.stderr, _show(listed)
-    assert "prvng platform status" in listed.stderr, _show(listed)
+    assert listed.returncode == 3, show(listed)
+    assert f"orchestrator at {url} is not reachable" in listed.stderr, show(listed)
+    assert "prvng platform status" in listed.stderr, show(listed)
     assert listed.stdout == ""
 
 
 def test_submitting_a_missing_file_exits_2_naming_it(tmp_path: Path) -> None:
     done = prvng("workflow", "submit", "nonexistent.ncl", data_dir=tmp_path / "home")
-    assert done.returncode == 2, _show(done)
-    assert "usage_error" in done.stderr and "nonexistent.ncl" in done.stderr, _show(done)
-    assert "not found" in done.stderr, _show(done)
+    assert done.returncode == 2, show(done)
+    assert "usage_error" in done.stderr and "nonexistent.ncl" in done.stderr, show(done)
+    assert "not found" in done.stderr, show(done)
 
 
 def test_platform_status_exits_0_while_running_and_3_after_stop(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    with _platform(home) as plat:
+    with running_platform(home) as plat:
         up = prvng("--output", "json", "platform", "status", data_dir=home, url=plat.url)
-        assert up.returncode == 0, _show(up)
+        assert up.returncode == 0, show(up)
         rows = {r["service"]: r for r in json.loads(up.stdout)}
-        assert set(rows) == {"orchestrator", "control-center"}, _show(up)
+        assert set(rows) == {"orchestrator", "control-center"}, show(up)
         for row in rows.values():
-            assert (row["status"], row["pid"]) == ("ok", plat.pid()), _show(up)
+            assert (row["status"], row["pid"]) == ("ok", plat.pid()), show(up)
         pid = plat.pid()
         assert pid is not None
         stopped = prvng("platform", "stop", data_dir=home)
-        assert stopped.returncode == 0, _show(stopped)
-        assert f"platform stopped (pid {pid})" in stopped.stdout, _show(stopped)
+        assert stopped.returncode == 0, show(stopped)
+        assert f"platform stopped (pid {pid})" in stopped.stdout, show(stopped)
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         down = prvng("--output", "json", "platform", "status", data_dir=home, url=plat.url)
-        assert down.returncode == 3, _show(down)
+        assert down.returncode == 3, show(down)
         for row in json.loads(down.stdout):
-            assert (row["status"], row["pid"]) == ("down", None), _show(down)
-        assert "not running" in down.stderr, _show(down)
+            assert (row["status"], row["pid"]) == ("down", None), show(down)
+        assert "not running" in down.stderr, show(down)
 
 
 def test_commands_without_url_find_the_port_the_platform_was_started_on(
@@ -247,11 +169,11 @@ def test_commands_without_url_find_the_port_the_platform_was_started_on(
     # `platform start --port P` then plain `platform status` / `workflow list` on the same data
     # dir: the user should not have to repeat the port (the default would be 8080).
     status = prvng("--output", "json", "platform", "status", data_dir=platform.data_dir)
-    assert status.returncode == 0, _show(status)
+    assert status.returncode == 0, show(status)
     row = {r["service"]: r for r in json.loads(status.stdout)}["orchestrator"]
     assert (row["status"], row["url"]) == ("ok", platform.url)
     listed = prvng("--output", "json", "workflow", "list", data_dir=platform.data_dir)
-    assert listed.returncode == 0, _show(listed)
+    assert listed.returncode == 0, show(listed)
     assert hello["id"] in {r["id"] for r in json.loads(listed.stdout)}
 
 
@@ -287,9 +209,9 @@ def test_the_prvng_console_script_help_exits_0_and_lists_global_options_and_noun
     helped = subprocess.run(
         [str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
     )
-    assert helped.returncode == 0, _show(helped)
+    assert helped.returncode == 0, show(helped)
     for text in ("--output", "--url", "--data-dir", "platform", "serve", "workflow", "task"):
-        assert text in helped.stdout, _show(helped)
+        assert text in helped.stdout, show(helped)
 
 
 def test_every_command_help_exits_0_and_mentions_its_options_and_sub_commands() -> None:
@@ -302,7 +224,7 @@ def test_every_command_help_exits_0_and_mentions_its_options_and_sub_commands() 
         cwd=REPO,
         env=env,
     )
-    assert proc.returncode == 0, _show(proc)
+    assert proc.returncode == 0, show(proc)
     report = json.loads(proc.stdout)
     seen = {" ".join(r["argv"]) for r in report}
     # The commands DESIGN §9 and the brief name are all there.
@@ -335,6 +257,6 @@ def test_every_command_help_exits_0_and_mentions_its_options_and_sub_commands() 
 
 def test_workflow_submit_help_names_the_formats_and_wait(tmp_path: Path) -> None:
     helped = prvng("workflow", "submit", "--help", data_dir=tmp_path / "home")
-    assert helped.returncode == 0, _show(helped)
+    assert helped.returncode == 0, show(helped)
     for text in (".ncl", ".json", ".yaml", "--wait", "--idempotency-key"):
-        assert text in helped.stdout, _show(helped)
+        assert text in helped.stdout, show(helped)

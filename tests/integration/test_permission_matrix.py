@@ -62,6 +62,7 @@ from provisioning.core.settings import load_settings
 from provisioning.orchestrator.app import OrchestratorService
 from provisioning.platform.embedded import build_services
 from tests.conftest import free_port, wait_workflow
+from tests.fake_workspace import make_fake_workspace
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,6 +139,13 @@ BODIES: dict[tuple[str, str], Callable[[World], Any]] = {
     ("POST", "/authz/check"): lambda w: {"action": "workflow:read"},
     ("POST", "/auth/mfa/confirm"): _mfa_code,
     ("POST", "/auth/logout"): lambda w: {},
+    # `check: true`: the plan is answered, nothing is submitted or created.
+    ("POST", "/workflows/servers/create"): lambda w: {**w.domain, "servers": ["a1"]},
+    ("POST", "/workflows/servers/delete"): lambda w: {**w.domain, "servers": ["a1"]},
+    ("POST", "/workflows/taskserv/create"): lambda w: {**w.domain, "taskserv": "db"},
+    ("POST", "/workflows/cluster/create"): lambda w: {**w.domain, "cluster": "dbs"},
+    ("POST", "/workflows/cluster/delete"): lambda w: {**w.domain, "cluster": "dbs"},
+    ("POST", "/workflows/batch"): lambda w: {**w.domain, "workflow": "all"},
     ("POST", "/audit/ingest"): lambda w: {
         "events": [
             {
@@ -250,6 +258,7 @@ class World:
     tasks: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # → (id, wf, owner)
     spare_keys: dict[str, str] = field(default_factory=dict)  # user name → key id
     mfa_secret: str | None = None
+    domain: dict[str, Any] = field(default_factory=dict)  # workspace, infra, check
 
     def uid(self, name: str) -> str:
         return str(self.users[name]["id"])
@@ -291,6 +300,8 @@ async def platform(tmp_path: Path) -> AsyncIterator[World]:
             for name, app in apps.items()
         }
         world = World(apps=apps, clients=clients, authz=cc.authorizer)
+        ws = make_fake_workspace(tmp_path / "ws")
+        world.domain = {"workspace": str(ws), "infra": "prod", "check": True}
         try:
             await _populate(world, orch)
             yield world

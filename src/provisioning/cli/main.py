@@ -15,7 +15,15 @@ import typer
 from rich.text import Text
 
 from provisioning import __version__
-from provisioning.cli.commands import identity, platform, serve, task, workflow
+from provisioning.cli.commands import (
+    domain,
+    identity,
+    platform,
+    provision,
+    serve,
+    task,
+    workflow,
+)
 from provisioning.cli.output import OutputFormat, err_console
 from provisioning.cli.state import CliState
 from provisioning.core.errors import NickelError, ProvisioningError
@@ -35,6 +43,13 @@ app.add_typer(platform.app, name="platform")
 app.add_typer(serve.app, name="serve")
 app.add_typer(workflow.app, name="workflow")
 app.add_typer(task.app, name="task")
+app.add_typer(domain.workspace_app, name="workspace")
+app.add_typer(domain.component_app, name="component")
+app.add_typer(domain.extension_app, name="extension")
+app.add_typer(provision.server_app, name="server")
+app.add_typer(provision.taskserv_app, name="taskserv")
+app.add_typer(provision.cluster_app, name="cluster")
+app.add_typer(provision.batch_app, name="batch")
 app.command("login")(identity.login)
 app.command("logout")(identity.logout)
 app.command("whoami")(identity.whoami)

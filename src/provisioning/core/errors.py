@@ -16,6 +16,7 @@ functions at the bottom turn a code into an HTTP status and a CLI exit code, so 
     │   └── InvalidState           invalid_state       409  exit 1
     ├── RateLimited                rate_limited        429  exit 1
     ├── OperationFailed            operation_failed    500  exit 1
+    │   └── ExtensionError         extension_error     502  exit 1
     ├── StoreError                 store_error         503  exit 1
     ├── Unreachable                unreachable         503  exit 3
     └── Unauthorized               unauthorized        401  exit 3
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "DagError",
+    "ExtensionError",
     "Forbidden",
     "InvalidState",
     "LimitExceeded",
@@ -139,6 +141,13 @@ class OperationFailed(ProvisioningError):
     """The operation ran and failed; its logs say why."""
 
     code = "operation_failed"
+
+
+class ExtensionError(OperationFailed):
+    """An extension failed; its message names the extension, the operation and why."""
+
+    code = "extension_error"
+    http_status = 502
 
 
 class StoreError(ProvisioningError):

@@ -73,6 +73,8 @@ def evaluate_file(path: Path, *, wrap: str | None = None) -> Any:
     path = path.resolve()
     if not path.is_file():
         raise NickelError(f"Nickel file not found: {path}", source=str(path))
-    name = json.dumps(path.name)
+    # By absolute path: a bare name would be looked up in the current directory first, which
+    # may hold another file of that name (an extension's own manifest, say).
+    name = json.dumps(str(path))
     expr = f"import {name}" if wrap is None else wrap.replace("{file}", f"import {name}")
     return evaluate(expr, [path.parent], source=str(path))

@@ -80,8 +80,9 @@ ACTIONS: dict[str, str] = {
     "authz:check": "ask whether an action would be allowed",
     "server:create": "create servers",
     "server:delete": "delete servers",
-    "taskserv:create": "install task services",
-    "cluster:create": "create clusters",
+    "server:read": "list the servers' inventory",
+    "taskserv:create": "install and remove task services",
+    "cluster:create": "form and dissolve clusters",
     "extension:read": "list and show extensions",
     "extension:publish": "publish an extension to the registry",
 }

@@ -155,6 +155,14 @@ class Settings(_Section):
         url = self.state.url or f"sqlite:///{self.home / 'state' / 'platform.db'}"
         return to_async_url(url)
 
+    def task_env(self) -> dict[str, str]:
+        """What a task's ``prvng`` needs to reach this platform: its data dir, its store and
+        the control center (variables, never written into a workflow)."""
+        env = {"PRVNG_HOME": str(self.home), "PRVNG_CONTROL_CENTER__URL": self.control_center_url}
+        if self.state.url:
+            env["PRVNG_STATE__URL"] = self.state.url
+        return env
+
     @property
     def control_center_url(self) -> str:
         """Where other services reach the control center (JWKS, API keys, user state)."""

@@ -58,6 +58,9 @@ class WorkflowKind(StrEnum):
     SERVERS_CREATE = "servers.create"
     TASKSERV_CREATE = "taskserv.create"
     CLUSTER_CREATE = "cluster.create"
+    SERVERS_DELETE = "servers.delete"
+    TASKSERV_REMOVE = "taskserv.remove"
+    CLUSTER_DELETE = "cluster.delete"
     BATCH = "batch"
     CUSTOM = "custom"
 

@@ -16,6 +16,7 @@ from provisioning.core.settings import Settings
 from provisioning.core.signing import HttpJwks, TokenVerifier
 from provisioning.core.store import Database, open_database
 from provisioning.core.web import BodyLimitMiddleware, install_error_handlers
+from provisioning.orchestrator.domain_routes import build_domain_router
 from provisioning.orchestrator.engine import Engine
 from provisioning.orchestrator.metrics import Metrics
 from provisioning.orchestrator.routes import build_router
@@ -74,7 +75,11 @@ class OrchestratorService:
         self.guard = guard
         self.store = WorkflowStore(self.db)
         self.engine = Engine(
-            self.store, settings.orchestrator, settings.logs_dir, worker_id=worker_id
+            self.store,
+            settings.orchestrator,
+            settings.logs_dir,
+            worker_id=worker_id,
+            task_env=settings.task_env(),
         )
         self.metrics = Metrics(self.engine)
         self.app = self._build_app()
@@ -96,6 +101,7 @@ class OrchestratorService:
         )
         install_error_handlers(app)
         app.include_router(build_router(self.engine, self.metrics, self.guard, time.monotonic()))
+        app.include_router(build_domain_router(self.engine, self.guard))
         install_mutation_audit(app, self.guard, "orchestrator")
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.orchestrator.max_body_bytes)
         return app

@@ -80,6 +80,15 @@ class OrchestratorClient:
         )
         return dict(await self._call("POST", "/workflows", json=body))
 
+    async def provision(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A workspace request (``/workflows/servers/create`` …): the workflow it submitted, or
+        ``{"check": true, "plan": …}`` when ``body["check"]``."""
+        return dict(await self._call("POST", path, json=dict(body)))
+
+    async def list_servers(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(await self._call("GET", "/servers", params=params))
+
     async def list_workflows(self, **filters: Any) -> list[dict[str, Any]]:
         params = {k: v for k, v in filters.items() if v is not None}
         return list(await self._call("GET", "/workflows", params=params))

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +53,7 @@ class Engine:
         logs_dir: Path,
         *,
         worker_id: str | None = None,
+        task_env: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -60,7 +61,10 @@ class Engine:
         self.worker_id = worker_id or settings.worker_id or _random_worker_id()
         self.stats = EngineStats()
         self._runner = AttemptRunner(
-            kill_grace_s=settings.kill_grace_s, on_pid=self._note_pid, notify_log=self._notify_log
+            kill_grace_s=settings.kill_grace_s,
+            on_pid=self._note_pid,
+            notify_log=self._notify_log,
+            base_env=task_env,
         )
         self._wake = asyncio.Event()
         self._results: list[Result] = []

@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,8 +209,12 @@ class AttemptRunner:
         kill_grace_s: float,
         on_pid: Callable[[Claim, int], Any],
         notify_log: Callable[[str], None],
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.kill_grace_s = kill_grace_s
+        # Under each task's own env: how `prvng` inside a task reaches this platform (its data
+        # dir and store), so it never has to be written into a workflow (secrets stay out).
+        self._base_env = {k.encode(): v.encode() for k, v in (base_env or {}).items()}
         self._on_pid = on_pid
         self._notify_log = notify_log
         self._procs: dict[str, _Proc] = {}
@@ -286,7 +290,7 @@ class AttemptRunner:
 
     async def _process(self, claim: Claim, argv: list[str], log: LogWriter, entry: _Proc) -> Result:
         out_path = log.path.with_suffix(".out.jsonl")  # <task>.<n>.out.jsonl
-        env = _environment(claim, out_path)
+        env = _environment(claim, out_path, self._base_env)
         timeout = float(claim.spec.get("timeout_s", 300))
         cwd = claim.spec.get("cwd") or None
         log.write("system", f"{claim.phase} attempt {claim.attempt}: {_show(argv)}")
@@ -363,11 +367,14 @@ class AttemptRunner:
         )
 
 
-def _environment(claim: Claim, out_path: Path) -> dict[bytes, bytes]:
+def _environment(
+    claim: Claim, out_path: Path, base: Mapping[bytes, bytes] | None = None
+) -> dict[bytes, bytes]:
     # Bytes all the way: the child needs bytes, and os.environ would decode every variable
     # only for subprocess to encode it again.
     enc = os.fsencode
     env = dict(os.environb)
+    env.update(base or {})
     for key, value in (claim.spec.get("env") or {}).items():
         env[enc(key)] = enc(value)
     env[b"PRVNG_WORKFLOW_ID"] = enc(claim.workflow_id)
