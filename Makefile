@@ -34,8 +34,8 @@ check: $(STAMP)
 	for d in extensions/*/*/; do $(BIN)/mypy --strict "$$d" || exit 1; done
 
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench extensions
+	$(BIN)/ruff format src tests bench extensions
 
 bench: $(STAMP)
 	$(BIN)/python bench/orchestrator_dag.py
