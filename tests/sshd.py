@@ -218,6 +218,8 @@ class Sshd:
             "identity_file": str(self.client_key),
             "known_hosts": str(self.known_hosts),
             "connect_timeout_s": 5,
+            # The servers' folders on the "remote" host: here, not in /root.
+            "workdir": str(self.dir / "work"),
         }
         settings.update(overrides)
         return settings

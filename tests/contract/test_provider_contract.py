@@ -1,5 +1,10 @@
-"""The provider contract (docs/reference/extensions.md), one body per behaviour, run on every
-backend of ``provider_backends.BACKENDS`` — real servers, real processes, no mocks.
+"""The provider contract (docs/reference/extensions.md), one body per behaviour, run on the
+backends of ``provider_backends.BACKENDS`` — real servers, real processes, no mocks.
+
+What every provider does (create, delete, status, list, exec) runs on every backend. What only
+an isolating provider does (an address of its own per server, ``delete`` killing what runs
+inside, ...) runs on the backends whose capabilities (class data on the backend) say they have
+it: each test is parametrised over exactly those, so every test case generated really runs.
 
 Each test gets a workspace of its own (``tmp_path``) and a backend bound to it; the fixture's
 teardown deletes every server the test made and then removes anything left with the test's
@@ -11,7 +16,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,10 +53,25 @@ else:
 """
 
 
-@pytest.fixture(params=list(BACKENDS))
+def backends(having: Callable[[type[Backend]], bool] = lambda _: True) -> pytest.MarkDecorator:
+    """Run the test on each backend ``having`` accepts (by its capabilities)."""
+    names = [name for name, cls in BACKENDS.items() if having(cls)]
+    return pytest.mark.parametrize("backend", names, indirect=True)
+
+
+EVERY = backends()
+OWN_ADDRESS = backends(lambda b: b.own_address)
+ISOLATING = backends(lambda b: b.isolates)
+NOT_ISOLATING = backends(lambda b: not b.isolates)
+REPAIRING = backends(lambda b: b.repairs)
+EXHAUSTIBLE = backends(lambda b: b.exhaustible)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    b = BACKENDS[request.param](tmp_path / "ws")
-    b.workspace.mkdir()
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    b = BACKENDS[request.param].open(workspace)
     try:
         yield b
     finally:
@@ -89,6 +109,7 @@ def serve_http(backend: Backend, host: str, address: str, content: str) -> tuple
     return out["pid"], port
 
 
+@EVERY
 def test_create_answers_a_running_server_with_an_address(backend: Backend) -> None:
     server = backend.create("web-01")
     assert server["hostname"] == "web-01"
@@ -103,6 +124,7 @@ def test_create_answers_a_running_server_with_an_address(backend: Backend) -> No
     )
 
 
+@EVERY
 def test_create_is_idempotent(backend: Backend) -> None:
     first = backend.create("web-01")
     again = backend.create("web-01")
@@ -111,6 +133,19 @@ def test_create_is_idempotent(backend: Backend) -> None:
     assert [s["hostname"] for s in backend.list_servers(["web-01"])] == ["web-01"]
 
 
+@EVERY
+def test_parallel_creates_all_succeed(backend: Backend) -> None:
+    hosts = [f"par-{i}" for i in range(4)]
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        servers = list(pool.map(backend.create, hosts))
+    assert [s["hostname"] for s in servers] == hosts
+    assert all(s["status"] == "running" and s["provider_id"] for s in servers)
+    listed = {s["hostname"]: s for s in backend.list_servers(hosts)}
+    assert set(listed) == set(hosts)
+    assert all(s["status"] == "running" for s in listed.values())
+
+
+@OWN_ADDRESS
 def test_parallel_creates_get_distinct_addresses(backend: Backend) -> None:
     hosts = [f"par-{i}" for i in range(4)]
     with ThreadPoolExecutor(len(hosts)) as pool:
@@ -120,6 +155,7 @@ def test_parallel_creates_get_distinct_addresses(backend: Backend) -> None:
     assert all(s["status"] == "running" for s in servers)
 
 
+@EVERY
 def test_status_and_list_answer_what_exists(backend: Backend) -> None:
     ghost = backend.status("ghost")
     assert ghost["status"] == "absent"
@@ -134,10 +170,12 @@ def test_status_and_list_answer_what_exists(backend: Backend) -> None:
         assert listed[host]["provider_id"] == server["provider_id"]
 
 
+@EVERY
 def test_exec_runs_inside_the_server(backend: Backend) -> None:
     backend.assert_inside(backend.create("web-01"))
 
 
+@EVERY
 def test_exec_answers_output_input_env_and_exit_code(backend: Backend) -> None:
     backend.create("web-01")
     code = (
@@ -154,6 +192,7 @@ def test_exec_answers_output_input_env_and_exit_code(backend: Backend) -> None:
     assert (ok["exit_code"], ok["stdout"], ok["stderr"]) == (0, "", "")
 
 
+@EVERY
 def test_exec_that_cannot_run_is_an_error(backend: Backend) -> None:
     with pytest.raises(ExtensionError, match="create it first"):
         backend.exec("ghost", ["true"])
@@ -162,13 +201,16 @@ def test_exec_that_cannot_run_is_an_error(backend: Backend) -> None:
         backend.exec("web-01", ["/no/such/command-prvng"])
 
 
+@EVERY
 def test_background_process_is_reachable_from_the_host(backend: Backend) -> None:
     server = backend.create("web-01")
     pid, port = serve_http(backend, "web-01", server["address"], "hello from web-01")
     assert backend.process_alive(pid)
     assert http_get(server["address"], port, "/hello.txt") == "hello from web-01"
+    assert backend.process_alive(pid)  # it outlived the exec call and the request
 
 
+@OWN_ADDRESS
 def test_two_servers_get_different_addresses_and_reach_each_other(backend: Backend) -> None:
     web, db = backend.create("web-01"), backend.create("db-01")
     assert web["address"] != db["address"]
@@ -180,7 +222,20 @@ def test_two_servers_get_different_addresses_and_reach_each_other(backend: Backe
     assert (out["exit_code"], out["stdout"].strip()) == (0, "hello from db-01"), out
 
 
-def test_delete_kills_everything_and_removes_the_server(backend: Backend) -> None:
+@EVERY
+def test_delete_removes_the_server_and_a_second_delete_finds_nothing(backend: Backend) -> None:
+    backend.create("web-01")
+    assert backend.delete("web-01") is True
+    assert backend.status("web-01")["status"] == "absent"
+    assert backend.list_servers(["web-01"]) == []
+    with pytest.raises(ExtensionError, match="create it first"):
+        backend.exec("web-01", ["true"])
+    assert backend.delete("web-01") is False
+    assert backend.leftovers() == []
+
+
+@ISOLATING
+def test_delete_kills_everything_started_inside(backend: Backend) -> None:
     server = backend.create("web-01")
     pid, port = serve_http(backend, "web-01", server["address"], "bye")
     http_get(server["address"], port, "/hello.txt")
@@ -195,11 +250,20 @@ def test_delete_kills_everything_and_removes_the_server(backend: Backend) -> Non
     assert backend.delete("web-01") is True
     assert not any(backend.process_alive(p) for p in (pid, shell["pid"], child_pid))
     assert backend.status("web-01")["status"] == "absent"
-    assert backend.list_servers(["web-01"]) == []
-    assert backend.delete("web-01") is False
     assert backend.leftovers() == []
 
 
+@NOT_ISOLATING
+def test_delete_of_a_server_that_is_not_isolated_leaves_the_host_alone(backend: Backend) -> None:
+    backend.create("web-01")
+    started = backend.exec("web-01", ["sleep", "300"], background=True)
+    assert backend.process_alive(started["pid"])
+    assert backend.delete("web-01") is True
+    assert backend.status("web-01")["status"] == "absent"
+    assert backend.process_alive(started["pid"])  # still there: teardown kills it
+
+
+@EVERY
 def test_deleting_the_last_server_leaves_nothing_behind(backend: Backend) -> None:
     for host in ("web-01", "db-01"):
         backend.create(host)
@@ -210,10 +274,10 @@ def test_deleting_the_last_server_leaves_nothing_behind(backend: Backend) -> Non
     assert backend.leftovers() == []
 
 
+@REPAIRING
 def test_create_repairs_a_half_made_server(backend: Backend) -> None:
     server = backend.create("web-01")
-    if not backend.break_server(server):
-        pytest.skip(f"{backend.name} cannot leave a server half-made")
+    backend.break_server(server)
     assert backend.status("web-01")["status"] == "stopped"
     repaired = backend.create("web-01")
     assert repaired["status"] == "running"
@@ -224,20 +288,19 @@ def test_create_repairs_a_half_made_server(backend: Backend) -> None:
     backend.assert_inside(repaired)
 
 
+@EVERY
 def test_bad_settings_are_refused_with_a_clear_error(backend: Backend) -> None:
     cases = backend.bad_settings()
-    if not cases:
-        pytest.skip(f"{backend.name} names no settings it refuses")
+    assert cases, f"{backend.name} names no settings it refuses"
     for settings, pattern in cases:
         with pytest.raises(ExtensionError, match=pattern):
             backend.create("web-01", settings)
         assert backend.status("web-01")["status"] == "absent"
 
 
+@EXHAUSTIBLE
 def test_an_exhausted_address_range_is_a_clear_error(backend: Backend) -> None:
     settings = backend.one_server_settings()
-    if settings is None:
-        pytest.skip(f"{backend.name} has no address range small enough to exhaust")
     backend.create("web-01", settings)
     with pytest.raises(ExtensionError, match="address range exhausted"):
         backend.create("db-01", settings)

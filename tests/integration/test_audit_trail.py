@@ -27,6 +27,7 @@ from provisioning.core.settings import load_settings
 from provisioning.orchestrator.app import OrchestratorService
 from provisioning.platform.embedded import build_services
 from tests.conftest import free_port, wait_workflow
+from tests.fake_workspace import make_fake_workspace
 
 ADMIN_PASSWORD = "admin passphrase for audit"
 USER_PASSWORD = "user passphrase for audit"
@@ -149,7 +150,7 @@ Call = Callable[["Platform", dict[str, Any]], Awaitable[httpx.Response]]
 
 
 async def test_every_mutating_route_of_both_services_leaves_an_audit_record(
-    platform: Platform,
+    platform: Platform, tmp_path: Path
 ) -> None:
     p = platform
     admin_tokens = await p.login("admin", ADMIN_PASSWORD)
@@ -231,6 +232,15 @@ async def test_every_mutating_route_of_both_services_leaves_an_audit_record(
         await wait_workflow(p.orchestrator, ctx["workflow"], {"Completed"})
         return await p.orch.post(f"/workflows/{ctx['workflow']}/rollback", headers=admin)
 
+    ws = make_fake_workspace(tmp_path / "ws")
+
+    def domain(path: str, **body: Any) -> Call:
+        async def call(p: Platform, ctx: dict[str, Any]) -> httpx.Response:
+            doc = {"workspace": str(ws), "infra": "prod", "check": True, **body}
+            return await p.orch.post(path, headers=admin, json=doc)
+
+        return call
+
     cc, orch = "control-center", "orchestrator"
     # In call order: (service, method, path) -> (call, the action its record names).
     calls: dict[tuple[str, str, str], tuple[Call, str]] = {
@@ -253,6 +263,30 @@ async def test_every_mutating_route_of_both_services_leaves_an_audit_record(
         (orch, "POST", "/workflows/{workflow_id}/cancel"): (control("cancel"), "workflow:cancel"),
         (orch, "POST", "/workflows/{workflow_id}/retry"): (control("retry"), "workflow:control"),
         (orch, "POST", "/workflows/{workflow_id}/rollback"): (rollback, "workflow:control"),
+        (orch, "POST", "/workflows/servers/create"): (
+            domain("/workflows/servers/create"),
+            "server:create",
+        ),
+        (orch, "POST", "/workflows/servers/delete"): (
+            domain("/workflows/servers/delete"),
+            "server:delete",
+        ),
+        (orch, "POST", "/workflows/taskserv/create"): (
+            domain("/workflows/taskserv/create", taskserv="db"),
+            "taskserv:create",
+        ),
+        (orch, "POST", "/workflows/cluster/create"): (
+            domain("/workflows/cluster/create", cluster="dbs"),
+            "cluster:create",
+        ),
+        (orch, "POST", "/workflows/cluster/delete"): (
+            domain("/workflows/cluster/delete", cluster="dbs"),
+            "cluster:create",
+        ),
+        (orch, "POST", "/workflows/batch"): (
+            domain("/workflows/batch", workflow="all"),
+            "workflow:create",
+        ),
     }
     live = mutating_routes(cc, p.cc.app) | mutating_routes(orch, p.orchestrator.app)
     assert sorted(live - NOT_MUTATIONS - calls.keys()) == [], "mutating routes with no audit check"

@@ -60,7 +60,9 @@ _BACKGROUND = (
     f'printf "%s%s: not found\\n" "{_CANNOT_MARK}" "$__prvng_p" >&2; exit 127; }}; done; '
     "__prvng_log=$1; shift; "
     + _PRELUDE
-    + 'nohup setsid "$@" >"$__prvng_log" 2>&1 </dev/null & echo "$!"'
+    + 'nohup setsid "$@" >"$__prvng_log" 2>&1 </dev/null & echo "$!"; '
+    # ... then where the log is, absolute (a relative one is in the server's folder).
+    + 'case $__prvng_log in /*) echo "$__prvng_log";; *) echo "$PWD/$__prvng_log";; esac'
 )
 _MAX_HEAD_LINES = 100
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -351,7 +353,8 @@ async def start_background(
     shown = _shown(argv)
     if log is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        log = f"/tmp/prvng-{conn.hostname}-{stamp}-{secrets.token_hex(4)}.log"
+        # Relative: the wrapper enters the server's own folder (workdir) before redirecting.
+        log = f"prvng-exec-{stamp}-{secrets.token_hex(4)}.log"
     command = shlex.join(["sh", "-c", _BACKGROUND, "sh", log, *_args(argv, env)])
     try:
         result = await ssh.run(
@@ -369,7 +372,10 @@ async def start_background(
         raise SshFailure(
             f"ssh {conn.where}: cannot start {shown} in the background: {exc}"
         ) from None
-    text = str(result.stdout or "").strip()
+    lines = str(result.stdout or "").strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(lines) > 1:
+        log = lines[1].strip()
     errors = str(result.stderr or "")
     if _CANNOT_MARK in errors:
         why = errors.split(_CANNOT_MARK, 1)[1].splitlines()[0].strip()
