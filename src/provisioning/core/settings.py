@@ -66,7 +66,22 @@ class StateSettings(_Section):
 
 
 class NatsSettings(_Section):
-    url: str = Field("", description="NATS server URL(s); empty runs without NATS.")
+    url: str = Field(
+        "",
+        description="NATS server URL(s), comma-separated (a cluster); empty: the platform "
+        "supervises its own nats-server on host:port with its store under the data dir.",
+    )
+    host: str = Field("127.0.0.1", description="Address of the embedded nats-server.")
+    port: int = Field(4223, ge=0, le=65535, description="Port of the embedded nats-server.")
+    max_deliver: int = Field(
+        10, ge=1, le=10000, description="Deliveries of one message before it is given up."
+    )
+    ack_wait_s: float = Field(
+        30, gt=0, le=3600, description="Redeliver a message not acknowledged within this."
+    )
+    duplicate_window_s: float = Field(
+        600, gt=0, le=86400, description="JetStream drops a re-published Nats-Msg-Id this long."
+    )
 
 
 class OrchestratorSettings(_Section):
@@ -162,6 +177,14 @@ class Settings(_Section):
         if self.state.url:
             env["PRVNG_STATE__URL"] = self.state.url
         return env
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The NATS URLs to connect to: ``nats.url`` split, or the embedded server's."""
+        if self.nats.url.strip():
+            return [u.strip() for u in self.nats.url.split(",") if u.strip()]
+        host = "127.0.0.1" if self.nats.host in ("0.0.0.0", "::", "") else self.nats.host
+        return [f"nats://{host}:{self.nats.port}"]
 
     @property
     def control_center_url(self) -> str:

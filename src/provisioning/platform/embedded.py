@@ -11,9 +11,9 @@ from provisioning.control_center.app import ControlCenterService
 from provisioning.core.auth import Guard
 from provisioning.core.settings import Settings
 from provisioning.orchestrator.app import OrchestratorService
-from provisioning.platform.supervisor import Service
+from provisioning.platform.supervisor import Background, Service
 
-__all__ = ["build_services"]
+__all__ = ["StreamsSetup", "build_background", "build_services"]
 
 
 def build_services(settings: Settings) -> tuple[ControlCenterService, list[Service]]:
@@ -27,3 +27,42 @@ def build_services(settings: Settings) -> tuple[ControlCenterService, list[Servi
         db=cc.db,
     )
     return cc, [cc, orchestrator]
+
+
+class StreamsSetup:
+    """Creates the JetStream streams and durable consumers (DESIGN §4) once NATS is up."""
+
+    name = "nats-streams"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def start(self) -> None:
+        from provisioning.core.bus.nats import NatsBus
+
+        n = self.settings.nats
+        bus = NatsBus(
+            self.settings.nats_servers,
+            max_deliver=n.max_deliver,
+            ack_wait_s=n.ack_wait_s,
+            duplicate_window_s=n.duplicate_window_s,
+        )
+        await bus.connect()
+        try:
+            await bus.ensure()
+        finally:
+            await bus.close()
+
+    async def stop(self) -> None:
+        return None
+
+
+def build_background(settings: Settings) -> list[Background]:
+    """The embedded nats-server (unless ``nats.url`` names one) and the streams on it."""
+    from provisioning.platform.nats_server import EmbeddedNats
+
+    found: list[Background] = []
+    if not settings.nats.url.strip():
+        found.append(EmbeddedNats(settings))
+    found.append(StreamsSetup(settings))
+    return found

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from provisioning.core.errors import ConfigError
 from provisioning.core.logging import get_logger
 
-__all__ = ["Service", "bind_socket", "run_services"]
+__all__ = ["Background", "Service", "bind_socket", "run_services"]
 
 log = get_logger("platform")
 
@@ -87,21 +87,36 @@ def bind_socket(host: str, port: int, service: str) -> socket.socket:
     return sock
 
 
+class Background(Protocol):
+    """Something the services need running first and stopped last (the embedded nats-server)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 async def run_services(
     services: Sequence[Service],
     *,
     on_ready: Callable[[Sequence[Service]], None] | None = None,
     stop_event: asyncio.Event | None = None,
+    background: Sequence[Background] = (),
 ) -> None:
-    """Start every service, serve until SIGTERM/SIGINT (or ``stop_event``), stop them all."""
+    """Start ``background``, then every service; serve until SIGTERM/SIGINT (or
+    ``stop_event``); stop the services, then ``background`` in reverse order."""
     sockets = [bind_socket(s.host, s.port, s.name) for s in services]
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    started: list[Service] = []
+    started: list[Service | Background] = []
     servers: list[_Server] = []
     try:
+        for bg in background:
+            await bg.start()
+            started.append(bg)
         for svc in services:
             await svc.start()
             started.append(svc)
@@ -131,11 +146,11 @@ async def run_services(
         await asyncio.gather(*serve_tasks, return_exceptions=True)
         stopper.cancel()
     finally:
-        for svc in reversed(started):
+        for unit in reversed(started):
             try:
-                await svc.stop()
+                await unit.stop()
             except Exception:
-                log.exception("service did not stop cleanly", extra={"service": svc.name})
+                log.exception("service did not stop cleanly", extra={"service": unit.name})
         for sock in sockets:
             sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

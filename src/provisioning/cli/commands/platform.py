@@ -71,7 +71,7 @@ def start(
         return
     # Imported here: the server stack is heavy and every other command must start fast.
     from provisioning.core.logging import configure_logging
-    from provisioning.platform.embedded import build_services
+    from provisioning.platform.embedded import build_background, build_services
     from provisioning.platform.supervisor import run_services
 
     configure_logging(settings.log.level, settings.log.format)
@@ -90,7 +90,7 @@ def start(
                     highlight=False,
                 )
 
-        run(run_services(services, on_ready=ready))
+        run(run_services(services, on_ready=ready, background=build_background(settings)))
     finally:
         pidfile.release()
     console.print("platform stopped")
@@ -102,6 +102,8 @@ def _print_ready(settings: Settings, services: Sequence[Service]) -> None:
     )
     for svc in services:
         console.print(f"  {svc.name:<14} http://{svc.host}:{svc.port}   (API docs: /docs)")
+    where = "embedded" if not settings.nats.url.strip() else "external"
+    console.print(f"  {'nats':<14} {', '.join(settings.nats_servers)}   ({where}, JetStream)")
     console.print("Log in with `prvng login`. Stop with Ctrl-C or `prvng platform stop`.")
 
 
@@ -157,6 +159,7 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
             console.print(f"platform started in the background (pid {proc.pid})")
             console.print(f"  orchestrator    {url}")
             console.print(f"  control center  {settings.control_center_url}")
+            console.print(f"  nats            {', '.join(settings.nats_servers)}")
             console.print(f"  log             {log_path}")
             if first_password:
                 console.print(

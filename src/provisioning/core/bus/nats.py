@@ -1,0 +1,196 @@
+"""The :class:`~provisioning.core.bus.Bus` over NATS JetStream with ``nats-py``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from nats.aio.client import Client
+from nats.errors import NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from provisioning.core.bus import (
+    CONSUMERS,
+    STREAMS,
+    ConsumerDef,
+    Delivery,
+    Published,
+    StreamDef,
+)
+from provisioning.core.errors import Unreachable
+from provisioning.core.logging import get_logger
+
+__all__ = ["NatsBus"]
+
+log = get_logger("bus")
+
+
+class _PullConsumer:
+    def __init__(self, sub: JetStreamContext.PullSubscription) -> None:
+        self._sub = sub
+
+    async def fetch(self, batch: int = 1, timeout_s: float = 1.0) -> list[Delivery]:
+        try:
+            msgs = await self._sub.fetch(batch, timeout=timeout_s)
+        except NatsTimeout:
+            return []
+        out = []
+        for m in msgs:
+            md = m.metadata
+            out.append(
+                Delivery(
+                    subject=m.subject,
+                    data=m.data,
+                    headers=dict(m.headers or {}),
+                    num_delivered=int(md.num_delivered or 1),
+                    stream_seq=int(md.sequence.stream if md.sequence else 0),
+                    _raw=m,
+                )
+            )
+        return out
+
+
+class NatsBus:
+    """Streams and consumers of DESIGN §4 on a NATS server or cluster."""
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        max_deliver: int = 10,
+        ack_wait_s: float = 30.0,
+        duplicate_window_s: float = 600.0,
+        name: str = "prvng",
+        streams: tuple[StreamDef, ...] = STREAMS,
+        consumers: tuple[ConsumerDef, ...] = CONSUMERS,
+    ) -> None:
+        self.servers = servers
+        self.max_deliver, self.ack_wait_s = max_deliver, ack_wait_s
+        self.duplicate_window_s = duplicate_window_s
+        self.name = name
+        self.streams, self.consumers = streams, consumers
+        self.nc: Client | None = None
+        self._js: JetStreamContext | None = None
+
+    async def connect(self, timeout_s: float = 5.0) -> NatsBus:
+        """Raises: Unreachable naming the servers."""
+
+        async def quiet(exc: Exception) -> None:  # reconnects are normal; say so once, briefly
+            log.debug("NATS connection error", extra={"error": repr(exc)})
+
+        client = Client()
+        try:
+            # Reconnect forever once connected; but the first connection is bounded in time.
+            await asyncio.wait_for(
+                client.connect(
+                    servers=self.servers,
+                    name=self.name,
+                    connect_timeout=max(1, round(timeout_s)),
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    allow_reconnect=True,
+                    error_cb=quiet,
+                ),
+                timeout=timeout_s * 2,
+            )
+        except (NoServersError, OSError, NatsTimeout, TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await client.close()
+            raise Unreachable(
+                f"NATS at {', '.join(self.servers)} is not reachable ({type(exc).__name__})"
+            ) from None
+        self.nc = client
+        self._js = self.nc.jetstream()
+        return self
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise Unreachable("not connected to NATS: call connect() first")
+        return self._js
+
+    def _stream_config(self, d: StreamDef) -> StreamConfig:
+        return StreamConfig(
+            name=d.name,
+            subjects=list(d.subjects),
+            retention=(
+                RetentionPolicy.WORK_QUEUE if d.retention == "workqueue" else RetentionPolicy.LIMITS
+            ),
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=d.max_age_s or None,
+            duplicate_window=self.duplicate_window_s,
+        )
+
+    def _consumer_config(self, d: ConsumerDef) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=d.durable,
+            filter_subject=d.filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            max_ack_pending=1000,
+        )
+
+    async def ensure(self) -> None:
+        """Create or update every stream and durable consumer (idempotent)."""
+        js = self.js
+        for d in self.streams:
+            cfg = self._stream_config(d)
+            try:
+                await js.stream_info(d.name)
+            except NotFoundError:
+                try:
+                    await js.add_stream(cfg)
+                    log.info("stream created", extra={"stream": d.name})
+                    continue
+                except Exception:  # created by another process meanwhile
+                    await js.stream_info(d.name)
+            await js.update_stream(cfg)
+        for c in self.consumers:
+            await js.add_consumer(c.stream, self._consumer_config(c))
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Published:
+        """Raises: Unreachable when the server did not confirm storing it."""
+        hdrs: dict[str, Any] = dict(headers or {})
+        if msg_id:
+            hdrs["Nats-Msg-Id"] = msg_id
+        try:
+            ack = await self.js.publish(subject, payload, headers=hdrs or None, timeout=10)
+        except (NatsTimeout, NoServersError) as exc:
+            raise Unreachable(
+                f"NATS did not confirm {subject} ({type(exc).__name__}); publish again "
+                "with the same msg id"
+            ) from None
+        return Published(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def consumer(self, stream: str, durable: str) -> _PullConsumer:
+        d = next((c for c in self.consumers if c.stream == stream and c.durable == durable), None)
+        if d is None:
+            raise Unreachable(f"no consumer {durable} on {stream} is declared")
+        sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+        return _PullConsumer(sub)
+
+    async def close(self) -> None:
+        nc, self.nc, self._js = self.nc, None, None
+        if nc is not None and not nc.is_closed:
+            # Not drain(): it waits out open pull requests (30 s). Answers are sent at once.
+            await nc.close()
