@@ -8,11 +8,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from provisioning import __version__
+from provisioning.control_center.audit_consumer import AuditConsumer
 from provisioning.control_center.audit_log import AuditEvent
 from provisioning.control_center.routes import build_router
 from provisioning.control_center.service import IdentityService
 from provisioning.core.audit_relay import audit_event
 from provisioning.core.auth import Authenticator, Guard, Identity
+from provisioning.core.bus import Bus
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
 from provisioning.core.signing import KeyRing, StaticJwks, TokenVerifier
@@ -31,8 +33,12 @@ class ControlCenterService:
 
     name = "control-center"
 
-    def __init__(self, settings: Settings, *, db: Database | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, db: Database | None = None, bus: Bus | None = None
+    ) -> None:
         self.settings = settings
+        self.bus = bus  # given: ops.audit.> events join the audit log (AuditConsumer)
+        self.audit_consumer: AuditConsumer | None = None
         self._own_db = db is None
         self.db: Database = db or open_database(
             settings.state_url, sqlite_synchronous=settings.state.sqlite_synchronous
@@ -91,7 +97,12 @@ class ControlCenterService:
         self.admin_password = await self.identity.bootstrap_admin(
             self.settings.control_center.admin_password
         )
+        if self.bus is not None:
+            self.audit_consumer = AuditConsumer(self.bus, self.identity)
+            self.audit_consumer.start()
 
     async def stop(self) -> None:
+        if self.audit_consumer is not None:
+            await self.audit_consumer.stop()
         if self._own_db:
             await self.db.close()

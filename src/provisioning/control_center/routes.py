@@ -259,7 +259,8 @@ def build_router(svc: IdentityService, guard: Guard, started: float) -> APIRoute
         summary="Record audit events forwarded by another service (service API key)",
     )
     async def audit_ingest(body: AuditIngest, who: Identity = need("audit:write")) -> Response:
-        return envelope(await svc.ingest([e.model_dump() for e in body.events], who))
+        events = [e.model_dump() for e in body.events]
+        return envelope(await svc.ingest(events, f"prvng_{who.key_id}"))
 
     @r.get("/audit/verify", tags=["audit"], summary="Check the hash chain of the audit log")
     async def audit_verify(who: Identity = need("audit:read")) -> Response:

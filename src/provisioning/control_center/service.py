@@ -573,9 +573,10 @@ class IdentityService:
 
     # ------------------------------------------------------------------ audit
 
-    async def ingest(self, events: Sequence[Mapping[str, Any]], by: Identity) -> dict[str, int]:
-        """Record audit events forwarded by another service, each id once (a batch sent
-        again after a lost answer records nothing twice); all in one transaction."""
+    async def ingest(self, events: Sequence[Mapping[str, Any]], by: str) -> dict[str, int]:
+        """Record audit events forwarded by another service (``by``: the service key's prefix
+        or the stream they came from), each id once (a batch sent again after a lost answer
+        records nothing twice); all in one transaction."""
 
         def body(conn: Connection) -> dict[str, int]:
             ids = [str(e["id"]) for e in events]
@@ -586,7 +587,7 @@ class IdentityService:
                     continue
                 seen.add(e["id"])
                 fields = {k: v for k, v in e.items() if k not in ("id", "details")}
-                details = {**e.get("details", {}), "forwarded_by": f"prvng_{by.key_id}"}
+                details = {**e.get("details", {}), "forwarded_by": by}
                 audit_log.append(conn, AuditEvent(**fields, details=details), event_id=e["id"])
                 recorded += 1
             return {"recorded": recorded, "duplicates": len(events) - recorded}

@@ -7,18 +7,26 @@ the next request, and record their denials in its audit log.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from provisioning.control_center.app import ControlCenterService
 from provisioning.core.auth import Guard
 from provisioning.core.settings import Settings
 from provisioning.orchestrator.app import OrchestratorService
 from provisioning.platform.supervisor import Background, Service
 
-__all__ = ["StreamsSetup", "build_background", "build_services"]
+if TYPE_CHECKING:
+    from provisioning.core.bus.nats import NatsBus
+
+__all__ = ["BusConnection", "build_platform", "build_services", "make_bus"]
 
 
-def build_services(settings: Settings) -> tuple[ControlCenterService, list[Service]]:
-    """The control center and every service, in start order."""
-    cc = ControlCenterService(settings)
+def build_services(
+    settings: Settings, *, bus: NatsBus | None = None
+) -> tuple[ControlCenterService, list[Service]]:
+    """The control center and every service, in start order (``bus``: connected by the time
+    they start; without it the platform runs without NATS)."""
+    cc = ControlCenterService(settings, bus=bus)
     guard = Guard(cc.authenticator, cc.authorizer, audit=cc.audit_hook("orchestrator"))
     orchestrator = OrchestratorService(
         settings,
@@ -29,40 +37,47 @@ def build_services(settings: Settings) -> tuple[ControlCenterService, list[Servi
     return cc, [cc, orchestrator]
 
 
-class StreamsSetup:
-    """Creates the JetStream streams and durable consumers (DESIGN §4) once NATS is up."""
+def make_bus(settings: Settings) -> NatsBus:
+    """An unconnected bus on the platform's NATS (embedded or ``nats.url``)."""
+    from provisioning.core.bus.nats import NatsBus
 
-    name = "nats-streams"
+    n = settings.nats
+    return NatsBus(
+        settings.nats_servers,
+        max_deliver=n.max_deliver,
+        ack_wait_s=n.ack_wait_s,
+        duplicate_window_s=n.duplicate_window_s,
+    )
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+
+class BusConnection:
+    """Connects the platform's bus once NATS is up and makes the DESIGN §4 streams and durable
+    consumers; closes it after the services stopped."""
+
+    name = "nats-bus"
+
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
 
     async def start(self) -> None:
-        from provisioning.core.bus.nats import NatsBus
-
-        n = self.settings.nats
-        bus = NatsBus(
-            self.settings.nats_servers,
-            max_deliver=n.max_deliver,
-            ack_wait_s=n.ack_wait_s,
-            duplicate_window_s=n.duplicate_window_s,
-        )
-        await bus.connect()
-        try:
-            await bus.ensure()
-        finally:
-            await bus.close()
+        await self.bus.connect()
+        await self.bus.ensure()
 
     async def stop(self) -> None:
-        return None
+        await self.bus.close()
 
 
-def build_background(settings: Settings) -> list[Background]:
-    """The embedded nats-server (unless ``nats.url`` names one) and the streams on it."""
+def build_platform(
+    settings: Settings,
+) -> tuple[ControlCenterService, list[Service], list[Background]]:
+    """``prvng platform start``: the embedded nats-server (unless ``nats.url`` names one) and
+    the bus first, then every service wired to them."""
     from provisioning.platform.nats_server import EmbeddedNats
 
-    found: list[Background] = []
+    bus = make_bus(settings)
+    background: list[Background] = []
     if not settings.nats.url.strip():
-        found.append(EmbeddedNats(settings))
-    found.append(StreamsSetup(settings))
-    return found
+        background.append(EmbeddedNats(settings))
+    background.append(BusConnection(bus))
+    cc, services = build_services(settings, bus=bus)
+    return cc, services, background

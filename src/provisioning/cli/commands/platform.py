@@ -59,10 +59,12 @@ def start(
         typer.Option("--background", "-d", help="Detach, write the pid file, return when healthy."),
     ] = False,
 ) -> None:
-    """Run the platform (today: the orchestrator) in the foreground until Ctrl-C / SIGTERM.
+    """Run the platform in the foreground until Ctrl-C / SIGTERM: the control center, the
+    orchestrator and a supervised nats-server (unless nats.url names one).
 
     State lives in the data dir (PRVNG_HOME, default ~/.local/share/provisioning): SQLite store,
-    task logs, pid file. Running tasks survive a restart: they are recovered on the next start.
+    task logs, JetStream store, pid file. Running tasks survive a restart: they are recovered on
+    the next start.
     """
     st = state_of(ctx)
     settings = st.settings(**_overrides(host, port))
@@ -71,7 +73,7 @@ def start(
         return
     # Imported here: the server stack is heavy and every other command must start fast.
     from provisioning.core.logging import configure_logging
-    from provisioning.platform.embedded import build_background, build_services
+    from provisioning.platform.embedded import build_platform
     from provisioning.platform.supervisor import run_services
 
     configure_logging(settings.log.level, settings.log.format)
@@ -79,7 +81,7 @@ def start(
     o = settings.orchestrator
     pidfile.claim(f"http://{_client_host(o.host)}:{o.port}", settings.control_center_url)
     try:
-        cc, services = build_services(settings)
+        cc, services, units = build_platform(settings)
 
         def ready(started: Sequence[Service]) -> None:
             _print_ready(settings, started)
@@ -90,7 +92,7 @@ def start(
                     highlight=False,
                 )
 
-        run(run_services(services, on_ready=ready, background=build_background(settings)))
+        run(run_services(services, on_ready=ready, background=units))
     finally:
         pidfile.release()
     console.print("platform stopped")
