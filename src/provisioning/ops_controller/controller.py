@@ -1,0 +1,245 @@
+"""The ops-controller's decision for each message on ``ops.pending.>`` (DESIGN §7).
+
+For one delivery: verify it (:func:`~.verify.verify_op`), claim its ``jti`` in the idempotency
+store, dispatch it, and answer with a named outcome:
+
+* :class:`Ack` — dispatched and recorded ``completed``, or a duplicate of a ``jti`` already done;
+* :class:`Nak` with a growing delay — the orchestrator is unreachable or answered 5xx (the
+  record stays ``dispatched``; the orchestrator's idempotency key ``jti`` makes a re-dispatch
+  harmless);
+* :class:`Term` — bad signature, expired, malformed, a 4xx from the orchestrator, or
+  ``max_deliver`` exhausted: never retried; recorded ``failed`` when the jti was claimed.
+
+Every terminal outcome of a claimed token writes its audit event in the same transaction
+(the store's outbox); :meth:`OpsController.relay_outbox` publishes the outbox to
+``ops.audit.<outcome>`` with the event id as ``Nats-Msg-Id``. A refused message whose jti
+cannot be trusted is audited straight to ``ops.audit.rejected`` (msg id = the message's
+digest, so a redelivery re-publishes the same event, de-duplicated by JetStream) before it is
+terminated. While a dispatch is slow, ``in_progress`` keeps the message from redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from provisioning.core.bus import Bus, Delivery
+from provisioning.core.logging import get_logger
+from provisioning.core.signing import TokenVerifier
+from provisioning.ops_controller.idempotency import IdempotencyStore
+from provisioning.ops_controller.verify import OpRejected, VerifiedOp, verify_op
+
+__all__ = [
+    "Ack",
+    "DispatchFailed",
+    "Dispatcher",
+    "Nak",
+    "OpsController",
+    "Outcome",
+    "Term",
+]
+
+log = get_logger("ops_controller")
+
+
+@dataclass(frozen=True)
+class Ack:
+    reason: str = "done"
+
+
+@dataclass(frozen=True)
+class Nak:
+    delay_s: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Term:
+    reason: str
+
+
+Outcome = Ack | Nak | Term
+
+
+class DispatchFailed(Exception):
+    """The dispatch did not happen: ``retry`` True for unreachable/5xx, False for 4xx."""
+
+    def __init__(self, message: str, *, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+class Dispatcher(Protocol):
+    async def dispatch(self, op: VerifiedOp) -> dict[str, Any]:
+        """Hand the op to the orchestrator; answer what it made (``workflow_id``…).
+
+        Raises:
+            DispatchFailed: with ``retry`` telling a passing failure from a refusal.
+        """
+        ...
+
+
+def _event(op_jti: str | None, result: str, action: str, **details: Any) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "action": action,
+        "result": result,
+        "actor": "ops-controller",
+        "actor_type": "system",
+        "object_type": "Operation",
+        "object_id": op_jti,
+        "service": "ops-controller",
+        "details": details,
+    }
+
+
+@dataclass
+class OpsController:
+    verifier: TokenVerifier
+    store: IdempotencyStore
+    dispatcher: Dispatcher
+    bus: Bus
+    max_deliver: int = 10
+    max_delay_s: float = 60.0
+    heartbeat_s: float = 10.0
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def _count(self, outcome: Outcome) -> Outcome:
+        name = type(outcome).__name__.lower()
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return outcome
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        """Decide one delivery (does not answer it: :meth:`answer` does)."""
+        try:
+            op = await verify_op(self.verifier, delivery.subject, delivery.data)
+        except OpRejected as exc:
+            digest = hashlib.sha256(delivery.data).hexdigest()
+            event = _event(
+                None,
+                "denied",
+                "ops:verify",
+                reason=exc.reason,
+                message=exc.message,
+                subject=delivery.subject[:200],
+                message_sha256=digest,
+            )
+            event["id"] = str(uuid.UUID(digest[:32]))
+            await self.bus.publish(
+                "ops.audit.rejected", json.dumps(event).encode(), msg_id=f"rejected-{digest}"
+            )
+            return self._count(Term(f"{exc.reason}: {exc.message}"))
+        record, _new = await self.store.claim(op.jti, op.op_type, now=self.clock())
+        if record.terminal:
+            return self._count(Ack(f"duplicate of {op.jti} ({record.state})"))
+        await self.store.mark_dispatched(op.jti, now=self.clock())
+        try:
+            made = await self._with_heartbeat(delivery, self.dispatcher.dispatch(op))
+        except DispatchFailed as exc:
+            if exc.retry and delivery.num_delivered < self.max_deliver:
+                delay = min(self.max_delay_s, 2.0 ** max(0, delivery.num_delivered - 1))
+                return self._count(Nak(delay, str(exc)))
+            reason = (
+                str(exc)
+                if not exc.retry
+                else f"gave up after {delivery.num_delivered} deliveries: {exc}"
+            )
+            await self._finish(op, "failed", reason=reason)
+            return self._count(Term(reason))
+        await self._finish(op, "completed", outcome=made)
+        return self._count(Ack())
+
+    async def _finish(
+        self,
+        op: VerifiedOp,
+        state: str,
+        *,
+        outcome: dict[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        event = _event(
+            op.jti,
+            "success" if state == "completed" else "failure",
+            "ops:dispatch",
+            op_type=op.op_type,
+            target=op.target,
+            requester=op.requester,
+            outcome=outcome or {},
+            reason=reason,
+        )
+        await self.store.finish(
+            op.jti, state, audit_event=event, outcome=outcome, reason=reason, now=self.clock()
+        )
+
+    async def _with_heartbeat(
+        self, delivery: Delivery, work: Awaitable[dict[str, Any]]
+    ) -> dict[str, Any]:
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.heartbeat_s)
+                if done:
+                    return task.result()
+                with contextlib.suppress(Exception):
+                    await delivery.in_progress()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def answer(self, delivery: Delivery, outcome: Outcome) -> None:
+        if isinstance(outcome, Ack):
+            await delivery.ack()
+        elif isinstance(outcome, Nak):
+            await delivery.nak(outcome.delay_s)
+        else:
+            log.info("op terminated", extra={"reason": outcome.reason[:300]})
+            await delivery.term()
+
+    async def relay_outbox(self, limit: int = 100) -> int:
+        """Publish pending audit events to ``ops.audit.<result>``; answer how many."""
+        pending = await self.store.outbox_pending(limit)
+        for _id, event in pending:
+            subject = (
+                "ops.audit.completed" if event.get("result") == "success" else "ops.audit.failed"
+            )
+            await self.bus.publish(subject, json.dumps(event).encode(), msg_id=str(event["id"]))
+        if pending:
+            await self.store.outbox_done([i for i, _ in pending])
+        return len(pending)
+
+    async def reconcile(self, lookup: Callable[[str], Awaitable[dict[str, Any] | None]]) -> int:
+        """On start: records left ``dispatched`` by a crash are settled by asking the
+        orchestrator by idempotency key (``lookup(jti)`` → the workflow, or None). Found:
+        ``completed``; not found: left ``dispatched`` — the message is still unacked and comes
+        back, and the re-dispatch is idempotent. Answers how many were settled."""
+        settled = 0
+        for rec in await self.store.in_state("dispatched", limit=1000):
+            wf = await lookup(rec.jti)
+            if wf is None:
+                continue
+            op = VerifiedOp(rec.jti, rec.op_type, "", None, "", {}, {}, "")
+            await self._finish(op, "completed", outcome={"workflow_id": wf.get("id")})
+            settled += 1
+        return settled
+
+    async def run(self, stop: asyncio.Event, *, batch: int = 16) -> None:
+        """Consume until ``stop`` is set: fetch, decide, answer; relay the outbox between."""
+        consumer = await self.bus.consumer("OPS_PENDING", "ops-controller")
+        while not stop.is_set():
+            try:
+                for d in await consumer.fetch(batch, timeout_s=1.0):
+                    await self.answer(d, await self.handle(d))
+                await self.relay_outbox()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # NATS or the store hiccuped: unanswered messages come back
+                log.exception("controller loop failed; retrying")
+                await asyncio.sleep(1.0)
