@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 from provisioning.core.bus.nats import NatsBus
+from provisioning.core.ops_token import VerifiedOp, canonical_params
 from provisioning.core.settings import load_settings
 from provisioning.core.signing import KeyRing, StaticJwks, TokenVerifier
 from provisioning.core.store import open_database
 from provisioning.ops_controller.controller import DispatchFailed, Nak, OpsController, Term
 from provisioning.ops_controller.idempotency_sql import SqlIdempotencyStore
-from provisioning.ops_controller.verify import VerifiedOp, canonical_params
 from provisioning.platform.nats_server import EmbeddedNats
 from tests.conftest import free_port
 

@@ -1,4 +1,4 @@
-"""Hostile operation messages: each must be refused by ``ops_controller.verify.verify_op`` with
+"""Hostile operation messages: each must be refused by ``core.ops_token.verify_op`` with
 a reason (the controller then terminates it), and the genuine one accepted. Real Ed25519 keys in
 a real key ring; the verifier is the one the controller uses."""
 
@@ -18,8 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from provisioning.core.ops_token import OpRejected, canonical_params, verify_op
 from provisioning.core.signing import KeyRing, StaticJwks, TokenVerifier
-from provisioning.ops_controller.verify import OpRejected, canonical_params, verify_op
 
 AUD, ISS = "prvng-ops", "prvng-ops-keeper"
 SUBJECT = "ops.pending.server.create"

@@ -1,7 +1,7 @@
 """The ops-controller's decision for each message on ``ops.pending.>`` (DESIGN §7).
 
-For one delivery: verify it (:func:`~.verify.verify_op`), claim its ``jti`` in the idempotency
-store, dispatch it, and answer with a named outcome:
+For one delivery: verify it (``core.ops_token.verify_op``), claim its ``jti`` in the
+idempotency store, dispatch it, and answer with a named outcome:
 
 * :class:`Ack` — dispatched and recorded ``completed``, or a duplicate of a ``jti`` already done;
 * :class:`Nak` with a growing delay — the orchestrator is unreachable or answered 5xx (the
@@ -32,9 +32,9 @@ from typing import Any, Protocol
 
 from provisioning.core.bus import Bus, Delivery
 from provisioning.core.logging import get_logger
+from provisioning.core.ops_token import OpRejected, VerifiedOp, verify_op
 from provisioning.core.signing import TokenVerifier
 from provisioning.ops_controller.idempotency import IdempotencyStore
-from provisioning.ops_controller.verify import OpRejected, VerifiedOp, verify_op
 
 __all__ = [
     "Ack",

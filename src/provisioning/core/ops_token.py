@@ -1,4 +1,6 @@
-"""Verification of one message on ``ops.pending.<op_type>`` before anything is dispatched.
+"""Verification of one signed operation (a message on ``ops.pending.<op_type>``, or the body
+the controller dispatches to the orchestrator), before anything acts on it. In ``core``: the
+controller and the orchestrator both verify.
 
 A message is the JSON object ``{"token": <compact JWT>, "params": {...}}`` the keeper
 publishes. It is accepted only when all of these hold, else :class:`OpRejected` says which
