@@ -8,7 +8,9 @@ and an edited or deleted record is found by `GET /audit/verify` at its `seq`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -23,7 +25,9 @@ from sqlalchemy import delete, update
 
 from provisioning.control_center.app import ControlCenterService
 from provisioning.control_center.tables_audit import cc_audit
+from provisioning.core.ops_token import OPS_AUDIENCE, OPS_ISSUER, canonical_params
 from provisioning.core.settings import load_settings
+from provisioning.core.signing import KeyRing
 from provisioning.orchestrator.app import OrchestratorService
 from provisioning.platform.embedded import build_services
 from tests.conftest import free_port, wait_workflow
@@ -241,6 +245,19 @@ async def test_every_mutating_route_of_both_services_leaves_an_audit_record(
 
         return call
 
+    async def ops_dispatch(p: Platform, ctx: dict[str, Any]) -> httpx.Response:
+        ring = KeyRing(p.orchestrator.settings.home / "keys" / "ops-keeper")
+        ring.load_or_create()
+        claims = {
+            "sub": "admin",
+            "jti": str(uuid.uuid4()),
+            "op_type": "workflow.submit",
+            "target": "t",
+            "params_sha256": hashlib.sha256(canonical_params(QUICK)).hexdigest(),
+        }
+        token = ring.sign(claims, audience=OPS_AUDIENCE, ttl_s=60, issuer=OPS_ISSUER)
+        return await p.orch.post("/ops/dispatch", json={"token": token, "params": QUICK})
+
     cc, orch = "control-center", "orchestrator"
     # In call order: (service, method, path) -> (call, the action its record names).
     calls: dict[tuple[str, str, str], tuple[Call, str]] = {
@@ -283,6 +300,7 @@ async def test_every_mutating_route_of_both_services_leaves_an_audit_record(
             domain("/workflows/cluster/delete", cluster="dbs"),
             "cluster:create",
         ),
+        (orch, "POST", "/ops/dispatch"): (ops_dispatch, "ops:dispatch"),
         (orch, "POST", "/workflows/batch"): (
             domain("/workflows/batch", workflow="all"),
             "workflow:create",

@@ -90,9 +90,13 @@ _CC_OPEN = (
     "/auth/introspect",
     "/auth/user-state",
 )
+# Authenticated by the signed operation in its body, not by a login or key
+# (tests/integration/test_ops_dispatch.py).
+_ORCH_OPEN = ("/ops/dispatch",)
 OPEN_ROUTES: frozenset[tuple[str, str]] = frozenset(
     {(svc, path) for svc in (CC, ORCH) for path in _EVERY_SERVICE_OPEN}
     | {(CC, path) for path in _CC_OPEN}
+    | {(ORCH, path) for path in _ORCH_OPEN}
 )
 
 #: Path parameter → the kind of object it names.

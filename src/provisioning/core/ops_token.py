@@ -29,7 +29,19 @@ from typing import Any
 from provisioning.core.errors import Unauthorized
 from provisioning.core.signing import TokenVerifier
 
-__all__ = ["OpRejected", "VerifiedOp", "canonical_params", "verify_op"]
+__all__ = [
+    "OPS_AUDIENCE",
+    "OPS_ISSUER",
+    "OpRejected",
+    "VerifiedOp",
+    "canonical_params",
+    "verify_op",
+]
+
+#: ``aud`` and ``iss`` of operation tokens (the keeper signs, the controller and the
+#: orchestrator verify).
+OPS_AUDIENCE = "prvng-ops"
+OPS_ISSUER = "prvng-ops-keeper"
 
 _OP_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,62}(\.[a-z][a-z0-9_-]{0,62}){0,3}$")
 _JTI = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
@@ -77,9 +89,10 @@ def _header(token: str) -> dict[str, Any]:
 
 
 async def verify_op(
-    verifier: TokenVerifier, subject: str, data: bytes, *, max_bytes: int = 256 * 1024
+    verifier: TokenVerifier, subject: str | None, data: bytes, *, max_bytes: int = 256 * 1024
 ) -> VerifiedOp:
-    """Check one message (see the module docstring).
+    """Check one message (see the module docstring); ``subject`` None (an HTTP dispatch) skips
+    only the subject check.
 
     Raises:
         OpRejected: the message must be terminated; the reason says why.
@@ -110,7 +123,7 @@ async def verify_op(
     op_type = claims["op_type"]
     if not _OP_TYPE.match(op_type):
         raise OpRejected("bad_claim", f"op_type {op_type[:80]!r} is not valid")
-    if subject != SUBJECT_PREFIX + op_type:
+    if subject is not None and subject != SUBJECT_PREFIX + op_type:
         raise OpRejected("wrong_subject", f"a {op_type} token arrived on {subject[:120]}")
     if not _SHA256.match(claims["params_sha256"]):
         raise OpRejected("bad_claim", "params_sha256 is not a hex SHA-256")

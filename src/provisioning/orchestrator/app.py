@@ -11,14 +11,16 @@ from provisioning.core.audit_relay import AuditRelay, HttpAuditSender, outbox_ho
 from provisioning.core.auth import AuditHook, Authenticator, Guard, install_mutation_audit
 from provisioning.core.identity_client import HttpIdentityProvider
 from provisioning.core.logging import get_logger
+from provisioning.core.ops_token import OPS_AUDIENCE, OPS_ISSUER
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
-from provisioning.core.signing import HttpJwks, TokenVerifier
+from provisioning.core.signing import HttpJwks, JwksSource, KeyRing, StaticJwks, TokenVerifier
 from provisioning.core.store import Database, open_database
 from provisioning.core.web import BodyLimitMiddleware, install_error_handlers
 from provisioning.orchestrator.domain_routes import build_domain_router
 from provisioning.orchestrator.engine import Engine
 from provisioning.orchestrator.metrics import Metrics
+from provisioning.orchestrator.ops_routes import build_ops_router
 from provisioning.orchestrator.routes import build_router
 from provisioning.orchestrator.store import WorkflowStore
 from provisioning.orchestrator.tables import audit_outbox
@@ -59,6 +61,7 @@ class OrchestratorService:
         db: Database | None = None,
     ) -> None:
         self.settings = settings
+        self._ops_verifier: TokenVerifier | None = None
         self._own_db = db is None
         self.db: Database = db or open_database(
             settings.state_url, sqlite_synchronous=settings.state.sqlite_synchronous
@@ -84,6 +87,20 @@ class OrchestratorService:
         self.metrics = Metrics(self.engine)
         self.app = self._build_app()
 
+    def ops_verifier(self) -> TokenVerifier:
+        """Verifies operation tokens against the ops-keeper's key set: its key ring in this
+        data dir (the embedded platform), else its JWKS over HTTP (``ops_keeper.url``)."""
+        if self._ops_verifier is None:
+            ring_dir = self.settings.home / "keys" / "ops-keeper"
+            keeper_url = getattr(getattr(self.settings, "ops_keeper", None), "url", "") or ""
+            source: JwksSource = (
+                HttpJwks(f"{keeper_url.rstrip('/')}/.well-known/jwks.json")
+                if keeper_url
+                else StaticJwks(KeyRing(ring_dir))
+            )
+            self._ops_verifier = TokenVerifier(source, audience=OPS_AUDIENCE, issuer=OPS_ISSUER)
+        return self._ops_verifier
+
     @property
     def host(self) -> str:
         return self.settings.orchestrator.host
@@ -102,6 +119,7 @@ class OrchestratorService:
         install_error_handlers(app)
         app.include_router(build_router(self.engine, self.metrics, self.guard, time.monotonic()))
         app.include_router(build_domain_router(self.engine, self.guard))
+        app.include_router(build_ops_router(self.engine, self.ops_verifier))
         install_mutation_audit(app, self.guard, "orchestrator")
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.orchestrator.max_body_bytes)
         return app

@@ -84,12 +84,21 @@ def build_router(engine: Engine, metrics: Metrics, guard: Guard, started: float)
         kind: WorkflowKind | None = None,
         owner: Annotated[str | None, Query(max_length=200)] = None,
         since: datetime | None = None,
+        idempotency_key: Annotated[
+            str | None, Query(min_length=1, max_length=200, description="The one with this key.")
+        ] = None,
         limit: Limit = 50,
         offset: Offset = 0,
         who: Identity = need("workflow:read"),
     ) -> Response:
         if not may_see_all(who, "workflow:read"):
             owner = who.subject
+        if idempotency_key is not None:
+            found = await store.find_by_idempotency_key(idempotency_key)
+            if found is None:
+                return envelope([])
+            doc = await store.get_workflow(found, with_tasks=False)
+            return envelope([doc] if owner is None or doc.get("owner") == owner else [])
         rows = await store.list_workflows(
             status=status.value if status else None,
             kind=kind.value if kind else None,

@@ -1,0 +1,119 @@
+"""`POST /ops/dispatch` on the orchestrator (SQLite and PostgreSQL): a signed operation from the
+ops-keeper's key ring becomes a workflow whose idempotency key is the op's jti; the same op again
+answers the same workflow; a forged, expired or edited op is refused with 401 and makes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from provisioning.core.ops_token import OPS_AUDIENCE, OPS_ISSUER, canonical_params
+from provisioning.core.signing import KeyRing
+from provisioning.orchestrator.app import OrchestratorService
+from tests.conftest import wait_workflow
+from tests.fake_workspace import make_fake_workspace
+
+SPEC = {"name": "via-ops", "tasks": [{"name": "a", "action": "noop"}]}
+
+
+def op(ring: KeyRing, op_type: str, params: dict[str, Any], **claims: Any) -> tuple[str, bytes]:
+    jti = claims.pop("jti", str(uuid.uuid4()))
+    body = {
+        "sub": "u-alice",
+        "jti": jti,
+        "op_type": op_type,
+        "target": "demo",
+        "params_sha256": hashlib.sha256(canonical_params(params)).hexdigest(),
+        **claims,
+    }
+    token = ring.sign(body, audience=OPS_AUDIENCE, ttl_s=300, issuer=OPS_ISSUER)
+    return jti, json.dumps({"token": token, "params": params}).encode()
+
+
+@pytest.fixture
+async def orch(make_service: Any) -> OrchestratorService:
+    svc: OrchestratorService = await make_service()
+    KeyRing(svc.settings.home / "keys" / "ops-keeper").load_or_create()
+    return svc
+
+
+async def post(svc: OrchestratorService, data: bytes) -> httpx.Response:
+    transport = httpx.ASGITransport(app=svc.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://o") as c:
+        return await c.post(
+            "/ops/dispatch", content=data, headers={"content-type": "application/json"}
+        )
+
+
+async def test_a_signed_op_becomes_one_workflow_whatever_the_retries(
+    orch: OrchestratorService,
+) -> None:
+    ring = KeyRing(orch.settings.home / "keys" / "ops-keeper")
+    jti, data = op(ring, "workflow.submit", SPEC)
+
+    first = await post(orch, data)
+    again = await post(orch, data)
+
+    assert (first.status_code, again.status_code) == (201, 200), first.text
+    wf = first.json()["data"]
+    assert again.json()["data"]["id"] == wf["id"]
+    assert wf["owner"] == "u-alice"
+    assert wf["labels"]["op_jti"] == jti
+    done = await wait_workflow(orch, wf["id"])
+    assert done["status"] == "Completed"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=orch.app), base_url="http://o"
+    ) as c:
+        found = (await c.get("/workflows", params={"idempotency_key": f"op:{jti}"})).json()["data"]
+        none = (await c.get("/workflows", params={"idempotency_key": "op:nope"})).json()["data"]
+    assert [w["id"] for w in found] == [wf["id"]] and none == []
+
+
+async def test_a_domain_op_compiles_the_workspace_request(
+    orch: OrchestratorService, tmp_path: Path
+) -> None:
+    ws = make_fake_workspace(tmp_path / "ws")
+    ring = KeyRing(orch.settings.home / "keys" / "ops-keeper")
+    _jti, data = op(
+        ring, "server.create", {"workspace": str(ws), "infra": "prod", "servers": ["a1"]}
+    )
+    resp = await post(orch, data)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["data"]["kind"] == "servers.create"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["forged", "edited params", "unknown op type", "bad params", "garbage"],
+)
+async def test_a_bad_op_is_refused_and_makes_nothing(
+    orch: OrchestratorService, tmp_path: Path, case: str
+) -> None:
+    ring = KeyRing(orch.settings.home / "keys" / "ops-keeper")
+    if case == "forged":
+        other = KeyRing(tmp_path / "other")
+        other.load_or_create()
+        _j, data = op(other, "workflow.submit", SPEC)
+        want = 401
+    elif case == "edited params":
+        _j, signed = op(ring, "workflow.submit", SPEC)
+        doc = json.loads(signed)
+        doc["params"]["tasks"][0]["action"] = "fail"
+        data, want = json.dumps(doc).encode(), 401
+    elif case == "unknown op type":
+        _j, data = op(ring, "rocket.launch", {})
+        want = 422
+    elif case == "bad params":
+        _j, data = op(ring, "workflow.submit", {"name": "x", "tasks": []})
+        want = 422
+    else:
+        data, want = b"{not json", 401
+    resp = await post(orch, data)
+    assert resp.status_code == want, resp.text
+    assert await orch.store.list_workflows(limit=10) == []
