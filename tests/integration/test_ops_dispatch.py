@@ -117,3 +117,36 @@ async def test_a_bad_op_is_refused_and_makes_nothing(
     resp = await post(orch, data)
     assert resp.status_code == want, resp.text
     assert await orch.store.list_workflows(limit=10) == []
+
+
+async def test_the_controllers_dispatcher_tells_a_refusal_from_a_passing_failure(
+    orch: OrchestratorService,
+) -> None:
+    from provisioning.core.ops_token import verify_op
+    from provisioning.core.signing import StaticJwks, TokenVerifier
+    from provisioning.ops_controller.controller import DispatchFailed
+    from provisioning.ops_controller.dispatch import HttpDispatcher
+    from tests.conftest import free_port
+
+    ring = KeyRing(orch.settings.home / "keys" / "ops-keeper")
+    verifier = TokenVerifier(StaticJwks(ring), audience=OPS_AUDIENCE, issuer=OPS_ISSUER)
+    to_orch = HttpDispatcher("http://o", transport=httpx.ASGITransport(app=orch.app))
+    try:
+        _j, data = op(ring, "workflow.submit", SPEC)
+        good = await verify_op(verifier, None, data)
+        made = await to_orch.dispatch(good)
+        assert made["created"] is True
+        assert (await to_orch.dispatch(good))["workflow_id"] == made["workflow_id"]
+        _j, data = op(ring, "rocket.launch", {})
+        with pytest.raises(DispatchFailed) as refused:
+            await to_orch.dispatch(await verify_op(verifier, None, data))
+        assert refused.value.retry is False and "422" in str(refused.value)
+    finally:
+        await to_orch.close()
+    closed = HttpDispatcher(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    try:
+        with pytest.raises(DispatchFailed) as down:
+            await closed.dispatch(good)
+        assert down.value.retry is True
+    finally:
+        await closed.close()
