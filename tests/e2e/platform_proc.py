@@ -78,7 +78,8 @@ def running_platform(data_dir: Path) -> Iterator[Platform]:
     # The control center's port, for the platform and every later command of this data dir.
     (data_dir / "config").mkdir(parents=True)
     (data_dir / "config" / "platform.ncl").write_text(
-        f"{{ control_center = {{ port = {free_port()} }}, nats = {{ port = {free_port()} }} }}\n",
+        f"{{ control_center = {{ port = {free_port()} }}, nats = {{ port = {free_port()} }}, "
+        f"ops_keeper = {{ port = {free_port()} }} }}\n",
         encoding="utf-8",
     )
     started = prvng(

@@ -66,6 +66,7 @@ def control_center_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
         "PRVNG_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "PRVNG_CONTROL_CENTER__PORT": str(cc_port),
         "PRVNG_NATS__PORT": str(free_port()),
+        "PRVNG_OPS_KEEPER__PORT": str(free_port()),
     }
     argv = [sys.executable, "-m", "provisioning.cli.main", "--data-dir", str(root / "home")]
     argv += ["platform", "start", "--host", "127.0.0.1", "--port", str(free_port())]

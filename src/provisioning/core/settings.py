@@ -25,6 +25,7 @@ __all__ = [
     "ControlCenterSettings",
     "LogSettings",
     "NatsSettings",
+    "OpsKeeperSettings",
     "OrchestratorSettings",
     "Settings",
     "StateSettings",
@@ -150,6 +151,38 @@ class ControlCenterSettings(_Section):
     )
 
 
+class OpsKeeperSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the ops-keeper API binds to.")
+    port: int = Field(8084, ge=0, le=65535, description="Port of the ops-keeper API.")
+    policy_file: str = Field(
+        "",
+        description="The keeper's policy (Nickel, contract schemas/keeper_policy.ncl); empty: "
+        "`<home>/config/keeper_policy.ncl`, written with the default policy when absent. A "
+        "relative path is taken from the data dir.",
+    )
+    token_audience: str = Field(
+        "prvng-ops", description="`aud` of the signed operation tokens (checked by the controller)."
+    )
+    issuer: str = Field("prvng-ops-keeper", description="`iss` of the signed operation tokens.")
+    key_overlap_s: float = Field(
+        1800,
+        gt=0,
+        description="How long a rotated-out signing key stays in the JWKS; at least the longest "
+        "token_ttl_s of the policy, so tokens signed before a rotation still verify.",
+    )
+    approval_ttl_s: float = Field(
+        86400, gt=0, description="An operation waiting for approval expires after this."
+    )
+    reload_interval_s: float = Field(
+        2, gt=0, le=3600, description="How often the policy file is checked for changes."
+    )
+    url: str = Field(
+        "",
+        description="URL other services use to reach the keeper (its JWKS); empty: its key "
+        "ring in this data dir (the embedded platform).",
+    )
+
+
 class Settings(_Section):
     """Every setting of the platform; one section per service."""
 
@@ -159,6 +192,7 @@ class Settings(_Section):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     orchestrator: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
     control_center: ControlCenterSettings = Field(default_factory=ControlCenterSettings)
+    ops_keeper: OpsKeeperSettings = Field(default_factory=OpsKeeperSettings)
 
     @property
     def config_file(self) -> Path:

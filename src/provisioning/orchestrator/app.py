@@ -11,7 +11,6 @@ from provisioning.core.audit_relay import AuditRelay, HttpAuditSender, outbox_ho
 from provisioning.core.auth import AuditHook, Authenticator, Guard, install_mutation_audit
 from provisioning.core.identity_client import HttpIdentityProvider
 from provisioning.core.logging import get_logger
-from provisioning.core.ops_token import OPS_AUDIENCE, OPS_ISSUER
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
 from provisioning.core.signing import HttpJwks, JwksSource, KeyRing, StaticJwks, TokenVerifier
@@ -92,13 +91,13 @@ class OrchestratorService:
         data dir (the embedded platform), else its JWKS over HTTP (``ops_keeper.url``)."""
         if self._ops_verifier is None:
             ring_dir = self.settings.home / "keys" / "ops-keeper"
-            keeper_url = getattr(getattr(self.settings, "ops_keeper", None), "url", "") or ""
+            k = self.settings.ops_keeper
             source: JwksSource = (
-                HttpJwks(f"{keeper_url.rstrip('/')}/.well-known/jwks.json")
-                if keeper_url
+                HttpJwks(f"{k.url.rstrip('/')}/.well-known/jwks.json")
+                if k.url
                 else StaticJwks(KeyRing(ring_dir))
             )
-            self._ops_verifier = TokenVerifier(source, audience=OPS_AUDIENCE, issuer=OPS_ISSUER)
+            self._ops_verifier = TokenVerifier(source, audience=k.token_audience, issuer=k.issuer)
         return self._ops_verifier
 
     @property

@@ -34,7 +34,13 @@ def build_services(
         guard=guard,
         db=cc.db,
     )
-    return cc, [cc, orchestrator]
+    services: list[Service] = [cc, orchestrator]
+    if bus is not None:  # the keeper publishes signed operations: only with NATS
+        from provisioning.ops_keeper.app import OpsKeeperService
+
+        keeper_guard = Guard(cc.authenticator, cc.authorizer, audit=cc.audit_hook("ops-keeper"))
+        services.append(OpsKeeperService(settings, guard=keeper_guard, db=cc.db, bus=bus))
+    return cc, services
 
 
 def make_bus(settings: Settings) -> NatsBus:

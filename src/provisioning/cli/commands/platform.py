@@ -161,6 +161,8 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
             console.print(f"platform started in the background (pid {proc.pid})")
             console.print(f"  orchestrator    {url}")
             console.print(f"  control center  {settings.control_center_url}")
+            k = settings.ops_keeper
+            console.print(f"  ops-keeper      http://{_client_host(k.host)}:{k.port}")
             console.print(f"  nats            {', '.join(settings.nats_servers)}")
             console.print(f"  log             {log_path}")
             if first_password:

@@ -43,7 +43,7 @@ class _PullConsumer:
     async def fetch(self, batch: int = 1, timeout_s: float = 1.0) -> list[Delivery]:
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout_s)
-        except NatsTimeout:
+        except (NatsTimeout, TimeoutError):  # nats-py raises either on an empty stream
             return []
         out = []
         for m in msgs:
