@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -315,8 +316,32 @@ def audit_list(
 
 
 @audit_app.command("verify")
-def audit_verify(ctx: typer.Context) -> None:
-    """Check the hash chain: exit 1 when a record was edited, deleted or reordered."""
+def audit_verify(
+    ctx: typer.Context,
+    repo: Annotated[
+        Path | None,
+        typer.Option(
+            "--repo",
+            help="Verify an audit-mirror git repository instead: every commit's SSH signature, "
+            "unbroken history, canonical events, and the signed external checkpoint.",
+        ),
+    ] = None,
+    allowed_signers: Annotated[
+        Path | None,
+        typer.Option(help="With --repo: the mirror's allowed-signers file."),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="With --repo: the mirror's checkpoint file (outside the repository)."),
+    ] = None,
+) -> None:
+    """Check the control center's hash chain (exit 1 when a record was edited, deleted or
+    reordered), or with --repo an audit-mirror repository."""
+    if repo is not None:
+        from provisioning.cli.commands.audit_mirror_cli import verify_repo_command
+
+        verify_repo_command(repo, allowed_signers, checkpoint)
+        return
     st = state_of(ctx)
     res = _call(ctx, "GET", "/audit/verify")
     render(res, st.output)
