@@ -724,6 +724,11 @@ def _any(conn: Connection, wf_id: str, statuses: Sequence[str]) -> bool:
 
 def settle(conn: Connection, wf_id: str, now: datetime) -> None:
     """End a workflow whose work is done, or move it to its next phase."""
+    if conn.dialect.name == "postgresql":
+        # Two workers ending the last two tasks at once would each see the other's task still
+        # running (READ COMMITTED) and neither would end the workflow. Locking the workflow row
+        # serialises them: the second reads after the first committed (SQLite has one writer).
+        conn.execute(select(workflows.c.id).where(workflows.c.id == wf_id).with_for_update())
     wf = conn.execute(_SETTLE, {"b_wf": wf_id}).first()
     if wf is None or wf.status in TERMINAL_WF or wf.active:
         return
