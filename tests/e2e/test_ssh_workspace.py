@@ -10,6 +10,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -63,6 +64,19 @@ def test_the_flow_runs_through_the_ssh_provider(
     )
     cli = lambda *a: prvng(*a, "--workspace", str(ws), data_dir=platform.data_dir, timeout=600)  # noqa: E731
 
+    try:
+        _create_use_and_delete(cli, sshd, workdir, redis_port, web_port)
+    finally:
+        # Whatever failed above, nothing the task services started may outlive the test.
+        if processes_under(workdir):
+            cli("server", "delete", "--infra", "lab", "--wait")
+        for line in processes_under(workdir):
+            subprocess.run(["kill", "-9", line.split(":", 1)[0]], check=False)
+
+
+def _create_use_and_delete(
+    cli: Any, sshd: Sshd, workdir: Path, redis_port: int, web_port: int
+) -> None:
     created = cli("server", "create", "--infra", "lab", "--wait")
     assert created.returncode == 0, show(created)
 
