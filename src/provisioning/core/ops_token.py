@@ -72,8 +72,15 @@ class VerifiedOp:
 
 
 def canonical_params(params: Any) -> bytes:
-    """The bytes ``params_sha256`` is computed over."""
-    return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes ``params_sha256`` is computed over: sorted keys, compact, UTF-8 (the keeper
+    signs over these, the controller and the orchestrator check them).
+
+    Raises:
+        ValueError: ``params`` holds NaN or Infinity, or something JSON cannot carry.
+    """
+    return json.dumps(
+        params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -127,7 +134,11 @@ async def verify_op(
         raise OpRejected("wrong_subject", f"a {op_type} token arrived on {subject[:120]}")
     if not _SHA256.match(claims["params_sha256"]):
         raise OpRejected("bad_claim", "params_sha256 is not a hex SHA-256")
-    if hashlib.sha256(canonical_params(params)).hexdigest() != claims["params_sha256"]:
+    try:
+        digest = hashlib.sha256(canonical_params(params)).hexdigest()
+    except ValueError:
+        raise OpRejected("malformed", "params hold a value JSON cannot carry (NaN?)") from None
+    if digest != claims["params_sha256"]:
         raise OpRejected("params_mismatch", "the params are not the ones the token was signed for")
     image = claims.get("image")
     if image is not None and not isinstance(image, str):

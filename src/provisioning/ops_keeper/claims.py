@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from provisioning.core.errors import ValidationError
+from provisioning.core.ops_token import canonical_params
 
 __all__ = [
     "PENDING_SUBJECT_PREFIX",
@@ -41,17 +42,6 @@ PENDING_SUBJECT_PREFIX = "ops.pending."
 _STR_CLAIMS = ("iss", "aud", "sub", "jti", "op_type", "target", "params_sha256")
 _OPT_STR_CLAIMS = ("image", "policy", "approved_by")
 _INT_CLAIMS = ("iat", "nbf", "exp")
-
-
-def canonical_params(params: Mapping[str, Any]) -> bytes:
-    """The canonical JSON bytes of ``params``: sorted keys, compact, UTF-8.
-
-    Raises:
-        ValueError: ``params`` holds NaN or Infinity, or something JSON cannot carry.
-    """
-    return json.dumps(
-        params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def params_sha256(params: Mapping[str, Any]) -> str:
