@@ -14,10 +14,13 @@ from typing import Any
 
 import httpx
 
-from provisioning.core.auth import Identity
+from provisioning.core.auth import AuditHook, Authenticator, Guard, Identity
 from provisioning.core.errors import Unauthorized
+from provisioning.core.rbac import Authorizer
+from provisioning.core.settings import Settings
+from provisioning.core.signing import HttpJwks, TokenVerifier
 
-__all__ = ["HttpIdentityProvider"]
+__all__ = ["HttpIdentityProvider", "standalone_guard"]
 
 
 class HttpIdentityProvider:
@@ -88,3 +91,17 @@ class HttpIdentityProvider:
             self._states[key] = state
         _at, disabled, valid_after, ended = state
         return ended or disabled or (issued_at is not None and issued_at < valid_after)
+
+
+def standalone_guard(settings: Settings, audit: AuditHook | None = None) -> Guard:
+    """The guard of a service running apart from the control center: access tokens verified
+    against the control center's JWKS, API keys and revocations asked over HTTP, Cedar
+    in-process, audit events to ``audit`` (the service's outbox)."""
+    cc = settings.control_center_url
+    verifier = TokenVerifier(
+        HttpJwks(f"{cc}/.well-known/jwks.json"),
+        audience=settings.control_center.audience,
+        issuer=settings.control_center.issuer,
+    )
+    authorizer = Authorizer([settings.home / "config" / "policies"])
+    return Guard(Authenticator(verifier, HttpIdentityProvider(cc)), authorizer, audit=audit)

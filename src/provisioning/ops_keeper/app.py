@@ -11,13 +11,12 @@ from fastapi import FastAPI
 
 from provisioning import __version__
 from provisioning.core.audit_relay import AuditRelay, HttpAuditSender, outbox_hook
-from provisioning.core.auth import AuditHook, Authenticator, Guard, install_mutation_audit
+from provisioning.core.auth import Guard, install_mutation_audit
 from provisioning.core.bus import Bus
-from provisioning.core.identity_client import HttpIdentityProvider
+from provisioning.core.identity_client import standalone_guard
 from provisioning.core.logging import get_logger
-from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
-from provisioning.core.signing import HttpJwks, KeyRing, TokenVerifier
+from provisioning.core.signing import KeyRing
 from provisioning.core.store import Database, open_database
 from provisioning.core.web import BodyLimitMiddleware, install_error_handlers
 from provisioning.ops_keeper.metrics import Metrics
@@ -43,20 +42,6 @@ def policy_path(settings: Settings) -> Path:
         return settings.home / "config" / "keeper_policy.ncl"
     path = Path(configured).expanduser()
     return path if path.is_absolute() else settings.home / path
-
-
-def _standalone_guard(settings: Settings, audit: AuditHook | None) -> Guard:
-    """Authentication for a keeper running apart from the control center: tokens verified
-    against its JWKS, API keys and revocations asked over HTTP; Cedar in-process. Unlike the
-    orchestrator's, it cannot be disabled: the keeper signs operations."""
-    cc = settings.control_center_url
-    verifier = TokenVerifier(
-        HttpJwks(f"{cc}/.well-known/jwks.json"),
-        audience=settings.control_center.audience,
-        issuer=settings.control_center.issuer,
-    )
-    authorizer = Authorizer([settings.home / "config" / "policies"])
-    return Guard(Authenticator(verifier, HttpIdentityProvider(cc)), authorizer, audit=audit)
 
 
 class OpsKeeperService:
@@ -86,7 +71,8 @@ class OpsKeeperService:
         )
         self.audit_relay: AuditRelay | None = None
         if guard is None:
-            guard = _standalone_guard(settings, outbox_hook(self.db, audit_outbox, self.name))
+            # Cannot be disabled: the keeper signs operations.
+            guard = standalone_guard(settings, outbox_hook(self.db, audit_outbox, self.name))
             key = settings.control_center.service_api_key
             sender = HttpAuditSender(settings.control_center_url, key) if key else None
             self.audit_relay = AuditRelay(self.db, audit_outbox, sender)

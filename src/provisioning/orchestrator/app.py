@@ -8,8 +8,8 @@ from fastapi import FastAPI
 
 from provisioning import __version__
 from provisioning.core.audit_relay import AuditRelay, HttpAuditSender, outbox_hook
-from provisioning.core.auth import AuditHook, Authenticator, Guard, install_mutation_audit
-from provisioning.core.identity_client import HttpIdentityProvider
+from provisioning.core.auth import AuditHook, Guard, install_mutation_audit
+from provisioning.core.identity_client import standalone_guard as shared_standalone_guard
 from provisioning.core.logging import get_logger
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
@@ -30,20 +30,12 @@ log = get_logger("orchestrator")
 
 
 def standalone_guard(settings: Settings, audit: AuditHook | None = None) -> Guard:
-    """Authentication for an orchestrator running apart from the control center: tokens
-    verified against its JWKS, API keys and revocations asked over HTTP; Cedar in-process;
-    audit events to ``audit`` (the outbox)."""
-    authorizer = Authorizer([settings.home / "config" / "policies"])
+    """The shared standalone guard (``core.identity_client``), or none at all when
+    ``orchestrator.auth = "disabled"`` (benchmarks, isolated tests)."""
     if settings.orchestrator.auth == "disabled":
         log.warning("authentication is DISABLED: anyone reaching this port can do anything")
-        return Guard(None, authorizer)
-    cc = settings.control_center_url
-    verifier = TokenVerifier(
-        HttpJwks(f"{cc}/.well-known/jwks.json"),
-        audience=settings.control_center.audience,
-        issuer=settings.control_center.issuer,
-    )
-    return Guard(Authenticator(verifier, HttpIdentityProvider(cc)), authorizer, audit=audit)
+        return Guard(None, Authorizer([settings.home / "config" / "policies"]))
+    return shared_standalone_guard(settings, audit)
 
 
 class OrchestratorService:
