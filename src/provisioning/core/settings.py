@@ -110,6 +110,17 @@ class OrchestratorSettings(_Section):
         description="`disabled` lets anyone do anything (benchmarks, isolated tests only): "
         "logged as a warning at start and shown by /health.",
     )
+    require_signed_ops: bool = Field(
+        False,
+        description="Refuse requests that create workflows (`POST /workflows`, the domain "
+        "routes, batches) unless they come through the ops pipeline (`POST /ops/dispatch` "
+        "with an op token signed by the keeper). Reads, cancel and logs stay open as usual.",
+    )
+    url: str = Field(
+        "",
+        description="URL other services use to reach the orchestrator (the ops-controller "
+        "dispatches there); empty: http://host:port of this section.",
+    )
 
 
 class ControlCenterSettings(_Section):
@@ -183,6 +194,55 @@ class OpsKeeperSettings(_Section):
     )
 
 
+class OpsControllerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the ops-controller's health API binds to.")
+    port: int = Field(8085, ge=0, le=65535, description="Port of the ops-controller's health API.")
+    idempotency: Literal["state", "surrealdb"] = Field(
+        "state",
+        description="Where claimed op ids are kept: `state` (the platform's SQLite or "
+        "PostgreSQL store) or `surrealdb` (embedded SurrealDB, file store `surreal_path`).",
+    )
+    surreal_path: str = Field(
+        "",
+        description="SurrealDB file store for `idempotency = \"surrealdb\"`; empty: "
+        "`<home>/state/ops-idempotency.surreal`. A relative path is taken from the data dir.",
+    )
+    api_key: str = Field(
+        "",
+        description="An API key with `workflow:read`, used at start to settle ops a crash left "
+        "`dispatched` by asking the orchestrator; empty: the redelivered message settles them.",
+    )
+    batch: int = Field(16, ge=1, le=1000, description="Messages fetched at once.")
+    max_delay_s: float = Field(
+        60, gt=0, description="Longest Nak delay while the orchestrator is unreachable."
+    )
+    heartbeat_s: float = Field(
+        10, gt=0, description="In-progress acks are sent this often during a slow dispatch."
+    )
+
+
+class AuditMirrorSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the audit-mirror's health API binds to.")
+    port: int = Field(8086, ge=0, le=65535, description="Port of the audit-mirror's health API.")
+    repo: str = Field(
+        "",
+        description="The git repository the audit events are committed to (bare, initialised "
+        "when missing); empty: `<home>/audit-mirror/repo.git`. Relative: from the data dir.",
+    )
+    state_dir: str = Field(
+        "",
+        description="Signing key, allowed signers, index and external checkpoint; empty: "
+        "`<home>/audit-mirror/state`. Keep it off the repository's disk to make the "
+        "checkpoint worth something.",
+    )
+    remotes: list[str] = Field(
+        default_factory=list,
+        description="Git remotes (names or URLs) pushed to after each batch; `rad` (Radicle) "
+        "is skipped when the `rad` CLI is not installed.",
+    )
+    batch: int = Field(100, ge=1, le=10000, description="Events fetched (and committed) at once.")
+
+
 class Settings(_Section):
     """Every setting of the platform; one section per service."""
 
@@ -193,6 +253,8 @@ class Settings(_Section):
     orchestrator: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
     control_center: ControlCenterSettings = Field(default_factory=ControlCenterSettings)
     ops_keeper: OpsKeeperSettings = Field(default_factory=OpsKeeperSettings)
+    ops_controller: OpsControllerSettings = Field(default_factory=OpsControllerSettings)
+    audit_mirror: AuditMirrorSettings = Field(default_factory=AuditMirrorSettings)
 
     @property
     def config_file(self) -> Path:
@@ -228,6 +290,23 @@ class Settings(_Section):
             return cc.url.rstrip("/")
         host = "127.0.0.1" if cc.host in ("0.0.0.0", "::", "") else cc.host
         return f"http://{host}:{cc.port}"
+
+    @property
+    def orchestrator_url(self) -> str:
+        """Where other services reach the orchestrator (``orchestrator.url`` or host:port)."""
+        o = self.orchestrator
+        if o.url:
+            return o.url.rstrip("/")
+        host = "127.0.0.1" if o.host in ("0.0.0.0", "::", "") else o.host
+        return f"http://{host}:{o.port}"
+
+    def data_path(self, configured: str, default: str) -> Path:
+        """A path setting: ``configured`` (``~`` expanded; relative to the data dir), or
+        ``default`` under the data dir when it is empty."""
+        if not configured.strip():
+            return self.home / default
+        path = Path(configured.strip()).expanduser()
+        return path if path.is_absolute() else self.home / path
 
     @property
     def logs_dir(self) -> Path:
