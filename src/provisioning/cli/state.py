@@ -14,6 +14,7 @@ from provisioning.cli.credentials import Credentials
 from provisioning.cli.output import OutputFormat
 from provisioning.control_center.client import ControlCenterClient
 from provisioning.core.settings import Settings, load_settings
+from provisioning.ops_keeper.client import OpsKeeperClient
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.platform.pidfile import PidFile
 
@@ -56,6 +57,20 @@ class CliState:
         if recorded := PidFile(self.settings().run_dir).url(1):
             return recorded
         return self.settings().control_center_url
+
+    def keeper_url(self) -> str:
+        """``ops_keeper.url``, else the URL the running platform recorded, else host:port."""
+        k = self.settings().ops_keeper
+        if k.url:
+            return k.url.rstrip("/")
+        if recorded := PidFile(self.settings().run_dir).url(2):
+            return recorded
+        host = "127.0.0.1" if k.host in ("0.0.0.0", "::", "") else k.host
+        return f"http://{host}:{k.port}"
+
+    def keeper_client(self) -> OpsKeeperClient:
+        """An ops-keeper client with the stored login or API key."""
+        return OpsKeeperClient(self.keeper_url(), token=self.credentials().bearer_async)
 
     def credentials(self) -> Credentials:
         return Credentials(self.cc_url())

@@ -34,7 +34,7 @@ class PidFile:
 
     def url(self, index: int = 0) -> str | None:
         """A service URL a live platform recorded at start (see :meth:`claim`), or None:
-        ``index`` 0 is the orchestrator, 1 the control center."""
+        ``index`` 0 is the orchestrator, 1 the control center, 2 the ops-keeper."""
         if self.read() is None:
             return None
         try:

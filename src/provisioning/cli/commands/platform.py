@@ -79,7 +79,12 @@ def start(
     configure_logging(settings.log.level, settings.log.format)
     pidfile = PidFile(settings.run_dir)
     o = settings.orchestrator
-    pidfile.claim(f"http://{_client_host(o.host)}:{o.port}", settings.control_center_url)
+    k = settings.ops_keeper
+    pidfile.claim(
+        f"http://{_client_host(o.host)}:{o.port}",
+        settings.control_center_url,
+        k.url.rstrip("/") or f"http://{_client_host(k.host)}:{k.port}",
+    )
     try:
         cc, services, units = build_platform(settings)
 
