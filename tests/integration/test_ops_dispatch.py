@@ -81,11 +81,52 @@ async def test_a_domain_op_compiles_the_workspace_request(
     ws = make_fake_workspace(tmp_path / "ws")
     ring = KeyRing(orch.settings.home / "keys" / "ops-keeper")
     _jti, data = op(
-        ring, "server.create", {"workspace": str(ws), "infra": "prod", "servers": ["a1"]}
+        ring,
+        "server.create",
+        {"workspace": str(ws), "infra": "prod", "servers": ["a1"]},
+        target="prod/a1",
     )
     resp = await post(orch, data)
     assert resp.status_code == 201, resp.text
     assert resp.json()["data"]["kind"] == "servers.create"
+
+
+@pytest.mark.parametrize(
+    ("op_type", "extra", "target", "problem"),
+    [
+        # Signed for dev, params aim at prod: the keeper decided on the target, so no.
+        ("server.delete", {"servers": ["a1"]}, "dev/a1", "not the one its params name"),
+        ("server.delete", {"servers": ["a1", "a2"]}, "prod/a1", "'prod/@all'"),
+        (
+            "taskserv.create",
+            {"taskserv": "base", "operation": "remove"},
+            "prod/@all/base",
+            "use taskserv.remove",
+        ),
+        (
+            "taskserv.remove",
+            {"taskserv": "base", "operation": "install"},
+            "prod/@all/base",
+            "does not match op_type",
+        ),
+    ],
+)
+async def test_a_domain_op_whose_params_say_something_else_is_refused(
+    orch: OrchestratorService,
+    tmp_path: Path,
+    op_type: str,
+    extra: dict[str, Any],
+    target: str,
+    problem: str,
+) -> None:
+    ws = make_fake_workspace(tmp_path / "ws")
+    ring = KeyRing(orch.settings.home / "keys" / "ops-keeper")
+    params = {"workspace": str(ws), "infra": "prod", **extra}
+    _jti, data = op(ring, op_type, params, target=target)
+    resp = await post(orch, data)
+    assert resp.status_code == 422, resp.text
+    assert problem in resp.json()["error"]["message"]
+    assert await orch.store.list_workflows(limit=10) == []
 
 
 @pytest.mark.parametrize(
@@ -150,3 +191,15 @@ async def test_the_controllers_dispatcher_tells_a_refusal_from_a_passing_failure
         assert down.value.retry is True
     finally:
         await closed.close()
+
+
+async def test_taskserv_remove_is_an_op_type_of_its_own(
+    orch: OrchestratorService, tmp_path: Path
+) -> None:
+    ws = make_fake_workspace(tmp_path / "ws")
+    ring = KeyRing(orch.settings.home / "keys" / "ops-keeper")
+    params = {"workspace": str(ws), "infra": "prod", "taskserv": "app", "servers": ["a1"]}
+    _jti, data = op(ring, "taskserv.remove", params, target="prod/a1/app")
+    resp = await post(orch, data)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["data"]["kind"] == "taskserv.remove"

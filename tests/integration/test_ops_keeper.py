@@ -24,6 +24,7 @@ import jwt
 import pytest
 from sqlalchemy import update
 
+from provisioning.control_center.api import ForwardedEvent
 from provisioning.control_center.app import ControlCenterService
 from provisioning.core.auth import Guard
 from provisioning.core.bus import Consumer, Delivery, Published
@@ -89,11 +90,13 @@ POLICY = """\
 
 
 class FlakyBus:
-    """The real bus, made to fail the next ``fail_next`` publishes (or all, with ``down``)."""
+    """The real bus, made to fail the next ``fail_next`` publishes (or all, with ``down``), or
+    to store the next ``lose_acks`` publishes and fail all the same (the answer was lost)."""
 
     def __init__(self, bus: NatsBus) -> None:
         self.bus = bus
         self.fail_next = 0
+        self.lose_acks = 0
         self.down = False
         self.published: list[tuple[str, str | None]] = []
 
@@ -112,7 +115,11 @@ class FlakyBus:
             self.fail_next = max(0, self.fail_next - 1)
             raise Unreachable("NATS did not confirm (simulated)")
         self.published.append((subject, msg_id))
-        return await self.bus.publish(subject, payload, msg_id=msg_id, headers=headers)
+        ack = await self.bus.publish(subject, payload, msg_id=msg_id, headers=headers)
+        if self.lose_acks > 0:
+            self.lose_acks -= 1
+            raise Unreachable("stored, but the answer was lost (simulated crash)")
+        return ack
 
     async def consumer(self, stream: str, durable: str) -> Consumer:
         return await self.bus.consumer(stream, durable)
@@ -137,6 +144,7 @@ class Keeper:
     admin: dict[str, str]
     users: dict[str, dict[str, str]] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
+    audit: Consumer | None = None  # ops.audit.>, as the audit-mirror reads it
 
     async def user(self, name: str, role: str) -> dict[str, str]:
         resp = await self.cc_http.post(
@@ -250,6 +258,7 @@ async def k(tmp_path: Path, state_url: str) -> AsyncIterator[Keeper]:
         admin = bearer(login.json()["data"]["access_token"])
         consumer = await real_bus.consumer("OPS_PENDING", "ops-controller")
         kp = Keeper(settings, cc, keeper, bus, consumer, http, cc_http, admin)
+        kp.audit = await real_bus.consumer("OPS_AUDIT", "audit-mirror")
         kp.users["admin"] = admin
         for name, role in (
             ("olga", "operator"),
@@ -817,7 +826,7 @@ async def test_a_failed_publish_leaves_the_op_approved_and_it_is_published_later
         await k.verifier().verify(PendingMessage.from_bytes(msg.data).token)
     )
     assert claims.jti == op["id"] and claims.binds({"n": 1})
-    assert [m for _s, m in k.bus.published] == [op["id"]]
+    assert [m for s, m in k.bus.published if s.startswith("ops.pending.")] == [op["id"]]
 
 
 async def test_an_op_approved_before_a_crash_is_published_after_the_restart(k: Keeper) -> None:
@@ -877,3 +886,304 @@ async def test_metrics_count_operations_by_state(k: Keeper) -> None:
     health = (await k.http.get("/health")).json()["data"]
     assert health["service"] == "ops-keeper" and health["nats"] == "connected"
     assert json.loads((await k.http.get("/.well-known/jwks.json")).text)["keys"]
+
+
+# --- audit events on ops.audit.> ---------------------------------------------------------
+
+SECRET = "s3cret-param-value"
+
+
+async def audit_events(k: Keeper, *, relayed: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """``(subject, event)`` of everything on ``ops.audit.>`` (acked, so each is seen once),
+    each checked as the control center and the audit-mirror read it. ``relayed``: first wait
+    until the keeper's audit outbox is empty."""
+
+    async def outbox_empty() -> bool:
+        return await k.keeper.store.audit_backlog() == 0
+
+    if relayed:
+        await until(outbox_empty)
+    assert k.audit is not None
+    got: list[tuple[str, dict[str, Any]]] = []
+    while True:
+        try:
+            batch = await k.audit.fetch(batch=50, timeout_s=0.3)
+        except TimeoutError:
+            batch = []
+        if not batch:
+            return got
+        for d in batch:
+            await d.ack()
+            event = json.loads(d.data)
+            canonical = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            assert d.data == canonical.encode()
+            assert d.headers["Nats-Msg-Id"] == event["id"]
+            assert SECRET not in d.data.decode() and "eyJ" not in d.data.decode()  # no token
+            ForwardedEvent.model_validate(event)  # extra fields are refused there
+            assert event["service"] == "ops-keeper"
+            assert datetime.fromisoformat(event["ts"]).utcoffset() == timedelta(0)
+            got.append((d.subject, event))
+
+
+def outline(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, ...]]:
+    return [(s, e["action"], e["result"], e["actor"], e["actor_type"]) for s, e in events]
+
+
+async def test_an_approved_request_is_audited_as_approved_then_published(k: Keeper) -> None:
+    op = await k.request(
+        "dave", "server.create", "dev/box-1", params={"password": SECRET}, reason="try it"
+    )
+
+    events = await audit_events(k)
+
+    assert outline(events) == [
+        ("ops.audit.approved", "ops:request", "success", "dave", "user"),
+        ("ops.audit.published", "ops:publish", "success", "ops-keeper", "system"),
+    ]
+    (_, request), (_, published) = events
+    assert {(e["object_type"], e["object_id"]) for _, e in events} == {("Operation", op["id"])}
+    assert request["details"] == {
+        "op_type": "server.create",
+        "target": "dev/box-1",
+        "image": None,
+        "state": "approved",
+        "decision": "approve",
+        "policy": "dev-create",
+        "params_sha256": op["params_sha256"],
+        "requester": k.ids["dave"],
+        "requester_name": "dave",
+        "approved_by": None,
+        "frozen_by": None,
+        "reason": op["decision_reason"],
+        "request_reason": "try it",
+        "approver_role": None,
+        "approval_expires_at": None,
+    }
+    assert published["details"]["state"] == "published"
+    assert published["details"]["stream_seq"] == op["stream_seq"]
+    assert published["details"]["subject"] == "ops.pending.server.create"
+    assert published["details"]["duplicate"] is False
+    assert request["id"] != published["id"]
+    assert "prvng_keeper_audit_outbox 0.0" in (await k.http.get("/metrics")).text
+
+
+async def test_a_request_refused_by_policy_is_audited_as_denied(k: Keeper) -> None:
+    by_policy = await k.request("olga", "server.create", "prod/web-01", params={"p": SECRET})
+    by_default = await k.request("olga", "server.create", "staging/web-01")
+
+    events = await audit_events(k)
+
+    assert outline(events) == [
+        ("ops.audit.rejected", "ops:request", "denied", "olga", "user"),
+        ("ops.audit.rejected", "ops:request", "denied", "olga", "user"),
+    ]
+    (_, first), (_, second) = events
+    assert first["object_id"] == by_policy["id"] and second["object_id"] == by_default["id"]
+    assert (first["details"]["decision"], first["details"]["policy"]) == (
+        "reject",
+        "no-prod-create",
+    )
+    assert "use the change process" in first["details"]["reason"]
+    assert second["details"]["policy"] is None
+    assert second["details"]["reason"] == "no policy matched: rejected by default"
+
+
+async def test_an_approval_by_another_user_is_audited_once_then_the_publication(
+    k: Keeper,
+) -> None:
+    op = await k.request("olga", "server.delete", "prod/web-01", params={"force": SECRET})
+    assert (await k.act("olga", op["id"], "approve")).status_code == 403  # self-approval
+
+    racing = await asyncio.gather(
+        k.act("oscar", op["id"], "approve", "change CH-42 reviewed"),
+        k.act("admin", op["id"], "approve", "change CH-42 reviewed"),
+    )
+
+    assert sorted(r.status_code for r in racing) == [200, 409]
+    winner = racing[0] if racing[0].status_code == 200 else racing[1]
+    approver, approver_id = (
+        winner.json()["data"]["approver_name"],
+        winner.json()["data"]["approver"],
+    )
+    events = await audit_events(k)
+    assert outline(events) == [
+        ("ops.audit.pending_approval", "ops:request", "success", "olga", "user"),
+        ("ops.audit.approved", "ops:approve", "success", approver, "user"),
+        ("ops.audit.published", "ops:publish", "success", "ops-keeper", "system"),
+    ]
+    (_, pending), (_, approved), (_, published) = events
+    assert pending["details"]["approver_role"] == "operator"
+    assert pending["details"]["approval_expires_at"] is not None
+    assert pending["details"]["decision"] == "require_approval"
+    assert approved["details"]["approved_by"] == approver_id
+    assert approved["details"]["reason"] == "change CH-42 reviewed"
+    assert published["details"]["approved_by"] == approver_id
+    assert {e["object_id"] for _, e in events} == {op["id"]}
+
+
+async def test_a_rejection_by_an_approver_or_the_requester_is_audited(k: Keeper) -> None:
+    first = await k.request("olga", "server.delete", "prod/web-01")
+    assert (await k.act("oscar", first["id"], "reject", "not during the sale")).status_code == 200
+    second = await k.request("olga", "server.delete", "prod/web-02")
+    assert (await k.act("olga", second["id"], "reject", "wrong host")).status_code == 200
+    assert (await k.act("oscar", second["id"], "reject", "again")).status_code == 409
+
+    events = await audit_events(k)
+
+    assert outline(events) == [
+        ("ops.audit.pending_approval", "ops:request", "success", "olga", "user"),
+        ("ops.audit.rejected", "ops:reject", "success", "oscar", "user"),
+        ("ops.audit.pending_approval", "ops:request", "success", "olga", "user"),
+        ("ops.audit.rejected", "ops:reject", "success", "olga", "user"),
+    ]
+    by_oscar, withdrawn = events[1][1], events[3][1]
+    assert by_oscar["object_id"] == first["id"] and withdrawn["object_id"] == second["id"]
+    assert (by_oscar["details"]["reason"], by_oscar["details"]["withdrawn"]) == (
+        "not during the sale",
+        False,
+    )
+    assert by_oscar["details"]["rejected_by"] == k.ids["oscar"]
+    assert by_oscar["details"]["approved_by"] is None
+    assert withdrawn["details"]["withdrawn"] is True
+
+
+async def test_expiries_are_audited_by_the_keeper_itself(k: Keeper) -> None:
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    pending = await k.request("olga", "server.delete", "prod/web-01")
+    await k.cc.db.run_write(
+        lambda c: c.execute(
+            update(ops).where(ops.c.id == pending["id"]).values(approval_expires_at=past)
+        )
+    )
+
+    async def expired(op_id: str) -> bool:
+        return bool((await k.op(op_id))["state"] == "expired")
+
+    await until(lambda: expired(pending["id"]))
+    k.bus.down = True
+    unpublished = await k.request("dave", "server.create", "dev/a")
+    await k.cc.db.run_write(
+        lambda c: c.execute(
+            update(ops).where(ops.c.id == unpublished["id"]).values(token_expires_at=past)
+        )
+    )
+    await until(lambda: expired(unpublished["id"]))
+    k.bus.down = False
+
+    events = await audit_events(k)
+
+    assert outline(events) == [
+        ("ops.audit.pending_approval", "ops:request", "success", "olga", "user"),
+        ("ops.audit.expired", "ops:expire", "success", "ops-keeper", "system"),
+        ("ops.audit.approved", "ops:request", "success", "dave", "user"),
+        ("ops.audit.expired", "ops:expire", "success", "ops-keeper", "system"),
+    ]
+    window, token = events[1][1], events[3][1]
+    assert window["object_id"] == pending["id"] and token["object_id"] == unpublished["id"]
+    assert window["details"]["former_state"] == "pending_approval"
+    assert "approval window" in window["details"]["reason"]
+    assert token["details"]["former_state"] == "approved"
+    assert "before it could be published" in token["details"]["reason"]
+    assert token["details"]["state"] == "expired"
+
+
+async def test_a_freeze_and_its_lifting_are_audited_once(k: Keeper) -> None:
+    resp = await k.http.post(
+        "/ops/freeze", headers=k.users["olga"], json={"reason": "release week", "scope": "prod/*"}
+    )
+    freeze = resp.json()["data"]
+    frozen = await k.request("olga", "server.list", "prod/web-01")
+    assert (await k.http.delete(f"/ops/freeze/{freeze['id']}", headers=k.users["oscar"])).is_success
+    assert (await k.http.delete(f"/ops/freeze/{freeze['id']}", headers=k.admin)).is_success
+
+    events = await audit_events(k)
+
+    assert outline(events) == [
+        ("ops.audit.frozen", "ops:freeze", "success", "olga", "user"),
+        ("ops.audit.rejected", "ops:request", "denied", "olga", "user"),
+        ("ops.audit.unfrozen", "ops:unfreeze", "success", "oscar", "user"),
+    ]
+    (_, started), (_, refused), (_, lifted) = events
+    assert (started["object_type"], started["object_id"]) == ("Freeze", freeze["id"])
+    assert (lifted["object_type"], lifted["object_id"]) == ("Freeze", freeze["id"])
+    assert started["details"] == {
+        "scope": "prod/*",
+        "reason": "release week",
+        "until": None,
+        "created_by": k.ids["olga"],
+        "ended_by": None,
+    }
+    assert lifted["details"]["ended_by"] == k.ids["oscar"]
+    assert refused["object_id"] == frozen["id"]
+    assert refused["details"]["frozen_by"] == freeze["id"]
+
+
+async def test_decisions_taken_while_nats_is_down_are_audited_once_it_is_back(k: Keeper) -> None:
+    k.bus.down = True
+    approved = await k.request("dave", "server.create", "dev/a", params={"p": SECRET})
+    await k.request("olga", "server.create", "prod/web-01")
+    pending = await k.request("olga", "server.delete", "prod/web-01")
+    assert (await k.act("oscar", pending["id"], "approve")).status_code == 200
+    resp = await k.http.post("/ops/freeze", headers=k.admin, json={"reason": "r", "scope": "qa/*"})
+    assert resp.status_code == 201
+
+    metrics = (await k.http.get("/metrics")).text
+    assert "prvng_keeper_audit_outbox 5.0" in metrics
+    assert await audit_events(k, relayed=False) == []
+    k.bus.down = False
+
+    async def published() -> bool:
+        states = {(await k.op(o["id"]))["state"] for o in (approved, pending)}
+        return states == {"published"}
+
+    await until(published)
+    events = await audit_events(k)
+
+    assert [(s, e["action"]) for s, e in events] == [
+        ("ops.audit.approved", "ops:request"),
+        ("ops.audit.rejected", "ops:request"),
+        ("ops.audit.pending_approval", "ops:request"),
+        ("ops.audit.approved", "ops:approve"),
+        ("ops.audit.frozen", "ops:freeze"),
+        ("ops.audit.published", "ops:publish"),
+        ("ops.audit.published", "ops:publish"),
+    ]
+    assert len({e["id"] for _, e in events}) == 7
+    assert {e["object_id"] for s, e in events if s == "ops.audit.published"} == {
+        approved["id"],
+        pending["id"],
+    }
+    metrics = (await k.http.get("/metrics")).text
+    assert "prvng_keeper_audit_outbox 0.0" in metrics
+    assert "prvng_keeper_audit_published 7.0" in metrics
+
+
+async def test_an_event_published_but_not_deleted_before_a_crash_is_on_the_stream_once(
+    k: Keeper,
+) -> None:
+    k.bus.lose_acks = 1  # NATS stores the event; the keeper dies before deleting its row
+
+    op = await k.request("olga", "server.create", "prod/web-01")
+
+    events = await audit_events(k)
+    [(subject, event)] = events
+    assert (subject, event["object_id"]) == ("ops.audit.rejected", op["id"])
+    assert [m for s, m in k.bus.published if s.startswith("ops.audit.")] == [event["id"]] * 2
+    assert k.keeper.service.stats.audit_failures >= 1
+    # Published again by hand within the duplicate window: JetStream drops it too.
+    ack = await k.bus.bus.publish(subject, json.dumps(event).encode(), msg_id=event["id"])
+    assert ack.duplicate is True
+    assert await audit_events(k) == []
+
+
+async def test_a_workspace_request_must_name_the_target_its_params_name(k: Keeper) -> None:
+    params = {"workspace": "/srv/ws", "infra": "prod", "servers": ["db-01"]}
+    for path in ("/ops", "/ops/evaluate"):
+        resp = await k.http.post(
+            path,
+            headers=k.users["dave"],
+            json={"op_type": "server.delete", "target": "dev/db-01", "params": params},
+        )
+        assert resp.status_code == 422, resp.text
+        assert "use 'prod/db-01'" in resp.json()["error"]["message"]
+    assert (await k.http.get("/ops", headers=k.admin)).json()["data"] == []

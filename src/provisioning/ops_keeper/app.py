@@ -117,24 +117,9 @@ class OpsKeeperService:
         return app
 
     async def _connect_bus(self, timeout_s: float = 5.0) -> Bus:
-        from provisioning.core.bus.nats import NatsBus
+        from provisioning.core.bus.nats import connect_bus
 
-        n = self.settings.nats
-        bus = NatsBus(
-            self.settings.nats_servers,
-            max_deliver=n.max_deliver,
-            ack_wait_s=n.ack_wait_s,
-            duplicate_window_s=n.duplicate_window_s,
-            name="prvng-ops-keeper",
-        )
-        await bus.connect(timeout_s=timeout_s)
-        try:
-            await bus.ensure()
-        except BaseException:
-            await bus.close()
-            raise
-        log.info("ops-keeper connected to NATS", extra={"servers": bus.servers})
-        return bus
+        return await connect_bus(self.settings, name="prvng-ops-keeper", timeout_s=timeout_s)
 
     async def start(self) -> None:
         """Migrate, load or create the signing key, load (or write) the policy, connect NATS

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the ops-keeper: operations by state, decisions, publishing."""
+"""Prometheus metrics of the ops-keeper: operations by state, decisions, publishing, audit."""
 
 from __future__ import annotations
 
@@ -31,6 +31,21 @@ class Metrics:
             "prvng_keeper_publish_failures", "Failed publication tries since start.", registry=r
         )
         self.expired = Gauge("prvng_keeper_expired", "Operations expired since start.", registry=r)
+        self.audit_outbox = Gauge(
+            "prvng_keeper_audit_outbox",
+            "Audit events waiting to be published on ops.audit.> (grows while NATS is down).",
+            registry=r,
+        )
+        self.audit_published = Gauge(
+            "prvng_keeper_audit_published",
+            "Audit events published on ops.audit.> since start.",
+            registry=r,
+        )
+        self.audit_failures = Gauge(
+            "prvng_keeper_audit_failures",
+            "Failed tries to relay the audit outbox since start.",
+            registry=r,
+        )
         self.policy_broken = Gauge(
             "prvng_keeper_policy_file_broken",
             "1 while the policy file on disk does not load (the last good policy is in force).",
@@ -48,5 +63,8 @@ class Metrics:
         self.duplicates.set(stats.duplicates)
         self.failures.set(stats.publish_failures)
         self.expired.set(stats.expired)
+        self.audit_outbox.set(await svc.store.audit_backlog())
+        self.audit_published.set(stats.audit_published)
+        self.audit_failures.set(stats.audit_failures)
         broken = svc.policy_file is not None and svc.policy_file.last_error is not None
         self.policy_broken.set(1 if broken else 0)

@@ -18,12 +18,33 @@ same ``Nats-Msg-Id``, so a message that did reach the stream before the crash is
 duplicate by JetStream (within ``nats.duplicate_window_s``; the controller's ``jti`` record
 catches any later one). A token that expires before it could be published ends the operation as
 ``expired`` rather than being signed again: an approval is for the token's lifetime only.
+
+**Every decision is audited, through a transactional outbox.** Each state change above (the
+decision on a request, an approver's approval or rejection, an expiry, the publication) and each
+freeze started or lifted writes an ``AuditEvent`` into the store's audit outbox in the same
+transaction (:class:`~provisioning.ops_keeper.store.OutboxEvent`). The publisher loop relays the
+outbox to ``ops.audit.<outcome>`` (:meth:`KeeperService.relay_audit`), oldest first, with
+``Nats-Msg-Id`` = the event id, and deletes each event once JetStream acknowledged it; a crash in
+between publishes it again and JetStream drops the repeat. While NATS is down the events wait.
+
+* ``ops:request`` by the requester: ``approved`` or ``pending_approval`` (``success``), or
+  ``rejected`` (``denied``: by a policy, a freeze, or no match);
+* ``ops:approve`` / ``ops:reject`` by the approver (or the requester withdrawing):
+  ``approved`` / ``rejected`` (``success``);
+* ``ops:expire`` and ``ops:publish`` by the keeper itself (actor ``ops-keeper``, ``system``):
+  ``expired``, ``published``;
+* ``ops:freeze`` / ``ops:unfreeze`` by who started or lifted the freeze: ``frozen`` /
+  ``unfrozen``.
+
+An event never holds the parameters (they may hold secrets; ``params_sha256`` binds them) nor
+the token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +54,13 @@ from typing import Any
 from provisioning.core.auth import Identity
 from provisioning.core.bus import Bus
 from provisioning.core.clock import as_utc, utcnow
-from provisioning.core.errors import ConfigError, Forbidden, InvalidState, Unreachable
+from provisioning.core.errors import (
+    ConfigError,
+    Forbidden,
+    InvalidState,
+    Unreachable,
+    ValidationError,
+)
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import OpsKeeperSettings
 from provisioning.core.signing import KeyRing, verify_with_ring
@@ -53,7 +80,8 @@ from provisioning.ops_keeper.policy import (
     OpRequest,
     PolicyFile,
 )
-from provisioning.ops_keeper.store import KeeperStore
+from provisioning.ops_keeper.store import KeeperStore, OutboxEvent
+from provisioning.workspace.api import DOMAIN_OP_TYPES, op_target
 
 __all__ = ["KeeperService", "KeeperStats"]
 
@@ -67,6 +95,123 @@ _STATE_OF: dict[DecisionKind, OpState] = {
 #: Holders of this role count as holding every approver role.
 SUPER_ROLE = "admin"
 _MAX_RETRY_DELAY_S = 60.0
+#: The keeper's name as a service and as the actor of what it does by itself.
+SERVICE = "ops-keeper"
+AUDIT_SUBJECT = "ops.audit.{outcome}"
+#: Events relayed per batch, and batches per publisher turn.
+AUDIT_BATCH, AUDIT_BATCHES = 100, 10
+
+
+def _rfc3339(at: datetime) -> str:
+    utc = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else _rfc3339(at)
+
+
+def _audit_event(
+    outcome: str,
+    action: str,
+    *,
+    at: datetime,
+    actor: str,
+    actor_type: str,
+    object_type: str,
+    object_id: str,
+    details: dict[str, Any],
+    result: str = "success",
+) -> OutboxEvent:
+    """The ``AuditEvent`` of one decision, for ``ops.audit.<outcome>`` (the fields of the
+    control center's ``ForwardedEvent``)."""
+    return OutboxEvent(
+        AUDIT_SUBJECT.format(outcome=outcome),
+        {
+            "id": str(uuid.uuid4()),
+            "ts": _rfc3339(at),
+            "action": action,
+            "result": result,
+            "actor": actor,
+            "actor_type": actor_type,
+            "object_type": object_type,
+            "object_id": object_id,
+            "service": SERVICE,
+            "details": details,
+        },
+    )
+
+
+def _op_event(
+    op: Mapping[str, Any],
+    action: str,
+    *,
+    at: datetime,
+    who: Identity | None = None,
+    result: str = "success",
+    **details: Any,
+) -> OutboxEvent:
+    """The audit event of an operation now in ``op["state"]``; ``who`` None: the keeper itself.
+    Never the params (only their digest) nor the token."""
+    state = str(op["state"])
+    base = {
+        "op_type": op["op_type"],
+        "target": op["target"],
+        "image": op["image"],
+        "state": state,
+        "decision": op["decision"],
+        "policy": op["policy"],
+        "params_sha256": op["params_sha256"],
+        "requester": op["requester"],
+        "requester_name": op["requester_name"],
+        "approved_by": None,  # the approver's user id, where one approved it
+        "frozen_by": op.get("frozen_by"),
+    }
+    return _audit_event(
+        state,
+        action,
+        at=at,
+        actor=who.username if who else SERVICE,
+        actor_type=who.kind if who else "system",
+        object_type="Operation",
+        object_id=str(op["id"]),
+        details={**base, **details},
+        result=result,
+    )
+
+
+def _freeze_event(
+    freeze: Mapping[str, Any], action: str, outcome: str, who: Identity
+) -> OutboxEvent:
+    """The audit event of a freeze started (``frozen``) or lifted (``unfrozen``)."""
+    at = freeze["ended_at"] if outcome == "unfrozen" else freeze["created_at"]
+    return _audit_event(
+        outcome,
+        action,
+        at=at,
+        actor=who.username,
+        actor_type=who.kind,
+        object_type="Freeze",
+        object_id=str(freeze["id"]),
+        details={
+            "scope": freeze["scope"],
+            "reason": freeze["reason"],
+            "until": _iso(freeze["until"]),
+            "created_by": freeze["created_by"],
+            "ended_by": freeze.get("ended_by"),
+        },
+    )
+
+
+def _expired_event(op: dict[str, Any], former: str) -> OutboxEvent:
+    return _op_event(
+        op,
+        "ops:expire",
+        at=op["updated_at"],
+        reason=op["expired_reason"],
+        former_state=former,
+        approved_by=op["approver"] if former == OpState.APPROVED.value else None,
+    )
 
 
 @dataclass
@@ -79,6 +224,8 @@ class KeeperStats:
     publish_failures: int = 0
     expired: int = 0
     loop_errors: int = 0
+    audit_published: int = 0
+    audit_failures: int = 0
 
 
 class KeeperService:
@@ -113,6 +260,7 @@ class KeeperService:
         self.clock = clock
         self.policy_file: PolicyFile | None = None
         self.stats = KeeperStats()
+        self._audit_error: str | None = None
 
     # ------------------------------------------------------------------ decisions
 
@@ -124,6 +272,18 @@ class KeeperService:
         return self.policy_file
 
     async def _decide(self, req: OpRequestIn, who: Identity, now: datetime) -> Decision:
+        """Raises: ValidationError: a workspace request (params with an ``infra``) whose
+        target is not the one its params name: policies decide on the target, so it must say
+        what the op does. (The orchestrator refuses such an op at dispatch in any case; this
+        tells the requester now.)"""
+        if req.op_type in DOMAIN_OP_TYPES and "infra" in req.params:
+            named = op_target(req.op_type, req.params)
+            if req.target != named:
+                raise ValidationError(
+                    f"target {req.target!r} is not what the params of {req.op_type} name: "
+                    f"use {named!r}",
+                    field="target",
+                )
         request = OpRequest(req.op_type, req.target, req.image, who.subject, req.params)
         freezes = await self.store.active_freezes(now)
         return self.policy.current.decide(request, freezes, now)
@@ -173,7 +333,18 @@ class KeeperService:
             row["approval_expires_at"] = now + timedelta(seconds=self.settings.approval_ttl_s)
         else:
             row["decided_at"] = now
-        await self.store.insert_op(row)
+        audit = _op_event(
+            row,
+            "ops:request",
+            at=now,
+            who=who,
+            result="denied" if state is OpState.REJECTED else "success",
+            reason=decision.reason,
+            request_reason=req.reason,
+            approver_role=decision.approver_role,
+            approval_expires_at=_iso(row.get("approval_expires_at")),
+        )
+        await self.store.insert_op(row, audit)
         self.stats.decisions[decision.decision] = self.stats.decisions.get(decision.decision, 0) + 1
         log.info(
             "operation decided",
@@ -221,9 +392,13 @@ class KeeperService:
             "approver_reason": reason,
             "decided_at": now,
         }
-        await self._transition(op_id, OpState.PENDING_APPROVAL, values, "approved")
+        approved = {**op, **values}
+        audit = _op_event(
+            approved, "ops:approve", at=now, who=who, reason=reason, approved_by=who.subject
+        )
+        await self._transition(op_id, OpState.PENDING_APPROVAL, values, "approved", audit)
         log.info("operation approved", extra={"op_id": op_id, "approver": who.username})
-        await self._publish(op, token, attempts=0)
+        await self._publish(approved, token, attempts=0)
         return await self.store.get_op(op_id)
 
     async def reject(self, op_id: str, who: Identity, reason: str) -> dict[str, Any]:
@@ -244,7 +419,16 @@ class KeeperService:
             "decided_at": now,
             "updated_at": now,
         }
-        await self._transition(op_id, OpState.PENDING_APPROVAL, values, "rejected")
+        audit = _op_event(
+            {**op, **values},
+            "ops:reject",
+            at=now,
+            who=who,
+            reason=reason,
+            rejected_by=who.subject,
+            withdrawn=who.subject == op["requester"],
+        )
+        await self._transition(op_id, OpState.PENDING_APPROVAL, values, "rejected", audit)
         log.info("operation rejected", extra={"op_id": op_id, "approver": who.username})
         return await self.store.get_op(op_id)
 
@@ -258,7 +442,7 @@ class KeeperService:
             )
         until = op["approval_expires_at"]
         if until is not None and now >= until:
-            await self.store.expire(now)
+            await self._expire(now)
             raise InvalidState(
                 f"operation {op_id} waited for approval until {until.isoformat()} and expired; "
                 "request it again",
@@ -285,9 +469,14 @@ class KeeperService:
         )
 
     async def _transition(
-        self, op_id: str, from_state: OpState, values: dict[str, Any], verb: str
+        self,
+        op_id: str,
+        from_state: OpState,
+        values: dict[str, Any],
+        verb: str,
+        audit: OutboxEvent,
     ) -> None:
-        if not await self.store.update_if(op_id, from_state, values):
+        if not await self.store.update_if(op_id, from_state, values, audit):
             current = await self.store.get_op(op_id)
             raise InvalidState(
                 f"operation {op_id} is {current['state']} now and cannot be {verb}",
@@ -378,7 +567,16 @@ class KeeperService:
             "last_publish_error": None,
             "publish_attempts": attempts + 1,
         }
-        await self.store.update_if(op_id, OpState.APPROVED, values)
+        audit = _op_event(
+            {**op, **values},
+            "ops:publish",
+            at=now,
+            approved_by=op.get("approver"),
+            subject=pending_subject(op["op_type"]),
+            stream_seq=ack.seq,
+            duplicate=ack.duplicate,
+        )
+        await self.store.update_if(op_id, OpState.APPROVED, values, audit)
         log.info(
             "operation published",
             extra={"op_id": op_id, "seq": ack.seq, "duplicate": ack.duplicate},
@@ -399,21 +597,65 @@ class KeeperService:
         self.bus = await self._connect_bus()
         return self.bus
 
-    async def publish_due(self) -> int:
-        """One turn of the publisher: expire what waited too long, then publish every
-        ``approved`` operation whose next try is due. Answers how many were published."""
-        now = self.clock()
-        expired = await self.store.expire(now)
-        for op_id, former in expired:
+    async def _expire(self, now: datetime) -> None:
+        for op_id, former in await self.store.expire(now, _expired_event):
             self.stats.expired += 1
             log.warning("operation expired", extra={"op_id": op_id, "was": former})
+
+    async def publish_due(self) -> int:
+        """One turn of the publisher: expire what waited too long, publish every ``approved``
+        operation whose next try is due, then relay the audit outbox (a failure to relay is
+        logged once and retried next turn). Answers how many operations were published."""
+        now = self.clock()
+        await self._expire(now)
         lease = max(30.0, 10 * self.retry_interval_s)
         done = 0
         for op in await self.store.claim_due(now, lease, limit=100):
             attempts = op["publish_attempts"]
             if await self._publish(op, str(op["token"]), attempts=attempts, connect=True):
                 done += 1
+        try:
+            await self.relay_audit()
+        except Exception as exc:  # NATS down: the events wait in the outbox
+            self.stats.audit_failures += 1
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self._audit_error:
+                log.warning("audit events wait in the outbox", extra={"error": error})
+            self._audit_error = error
+        else:
+            if self._audit_error is not None:
+                log.info("audit events are published again")
+            self._audit_error = None
         return done
+
+    async def relay_audit(self) -> int:
+        """Publish the audit outbox to ``ops.audit.<outcome>``, oldest first, ``Nats-Msg-Id`` =
+        the event id, deleting each batch's published events once JetStream acknowledged them.
+        At most ``AUDIT_BATCHES`` batches of ``AUDIT_BATCH``. Answers how many were published.
+
+        Raises:
+            Unreachable: there is no bus (yet).
+            Exception: what the bus raised; the events acknowledged before it are deleted, the
+                rest wait for the next try.
+        """
+        total = 0
+        for _ in range(AUDIT_BATCHES):
+            pending = await self.store.audit_pending(AUDIT_BATCH)
+            if not pending:
+                break
+            bus = await self._get_bus(connect=True)
+            acked: list[int] = []
+            try:
+                for seq, subject, event in pending:
+                    await bus.publish(subject, _canonical(event), msg_id=str(event["id"]))
+                    acked.append(seq)
+            finally:
+                await self.store.audit_done(acked)
+                self.stats.audit_published += len(acked)
+                total += len(acked)
+            if len(pending) < AUDIT_BATCH:
+                break
+        return total
 
     async def run_publisher(self, stop: asyncio.Event) -> None:
         """Call :meth:`publish_due` every ``retry_interval_s`` until ``stop`` is set."""
@@ -439,7 +681,8 @@ class KeeperService:
             "created_by_name": who.username,
             "created_at": now,
         }
-        doc = await self.store.insert_freeze(row, now)
+        audit = _freeze_event(row, "ops:freeze", "frozen", who)
+        doc = await self.store.insert_freeze(row, now, audit)
         log.warning(
             "change freeze started",
             extra={"freeze_id": row["id"], "scope": body.scope, "by": who.username},
@@ -448,7 +691,12 @@ class KeeperService:
 
     async def unfreeze(self, freeze_id: str, who: Identity) -> dict[str, Any]:
         """Raises: NotFound."""
-        doc = await self.store.end_freeze(freeze_id, who.subject, self.clock())
+        doc = await self.store.end_freeze(
+            freeze_id,
+            who.subject,
+            self.clock(),
+            lambda freeze: _freeze_event(freeze, "ops:unfreeze", "unfrozen", who),
+        )
         log.warning("change freeze lifted", extra={"freeze_id": freeze_id, "by": who.username})
         return doc
 
@@ -459,3 +707,10 @@ class KeeperService:
         """The policy file: what is loaded, and Nickel's error if the file on disk is broken."""
         current = self.policy.current
         return {**self.policy.status(), "names": current.names}
+
+
+def _canonical(event: Mapping[str, Any]) -> bytes:
+    """Canonical JSON (sorted keys, compact, UTF-8), so anyone can re-hash an event."""
+    return json.dumps(
+        event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")

@@ -15,7 +15,7 @@ from sqlalchemy import (
     Text,
 )
 
-__all__ = ["audit_outbox", "freezes", "metadata", "ops"]
+__all__ = ["audit_outbox", "freezes", "metadata", "ops", "ops_audit_outbox"]
 
 metadata = MetaData()
 
@@ -91,3 +91,17 @@ audit_outbox = Table(
     Column("event", JSON, nullable=False),
 )
 Index("ix_keeper_audit_outbox_created", audit_outbox.c.created_at)
+
+# The keeper's decisions (DESIGN §7 AuditEvent), each written in the transaction of the state
+# change it records, waiting to be published on ``ops.audit.<outcome>`` (the publisher loop
+# relays them, oldest first, with ``Nats-Msg-Id`` = the event id, and deletes them once acked).
+ops_audit_outbox = Table(
+    "keeper_ops_audit_outbox",
+    metadata,
+    # The order events were written in (created_at may tie within a clock tick).
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),  # the event's id
+    Column("subject", String(100), nullable=False),
+    Column("event", JSON, nullable=False),
+    _ts("created_at", False),
+)

@@ -17,6 +17,10 @@ Operation types and the workflow each becomes (params are the request's fields):
 ``cluster.delete``     ``/workflows/cluster/delete``
 ``batch.submit``       ``/workflows/batch`` {…, workflow}
 =====================  =====================================================
+
+For the domain types the op's ``target`` must be the one its params name
+(``workspace.api.op_target``): the keeper decided on the target, so an op whose params say
+something else (``dev/x`` signed, ``prod`` in the params) is refused here too.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from provisioning.workspace.api import (
     ServersRequest,
     TaskservRequest,
     compile_request,
+    op_target,
 )
 
 __all__ = ["build_ops_router"]
@@ -51,6 +56,7 @@ _DOMAIN: dict[str, tuple[str, type[DomainRequest]]] = {
     "server.create": ("servers.create", ServersRequest),
     "server.delete": ("servers.delete", ServersRequest),
     "taskserv.create": ("taskserv", TaskservRequest),
+    "taskserv.remove": ("taskserv", TaskservRequest),
     "cluster.create": ("cluster.create", ClusterRequest),
     "cluster.delete": ("cluster.delete", ClusterRequest),
     "batch.submit": ("batch", BatchRequest),
@@ -64,7 +70,18 @@ def _workflow_for(op_type: str, params: dict[str, Any]) -> dict[str, Any]:
             return WorkflowSpec.model_validate(params).model_dump(mode="json", exclude_none=True)
         if op_type in _DOMAIN:
             what, model = _DOMAIN[op_type]
-            body, _plan = compile_request(what, model.model_validate({**params, "check": False}))
+            fixed: dict[str, Any] = {"check": False}
+            if op_type.startswith("taskserv."):
+                given = params.get("operation")
+                wanted = "remove" if op_type == "taskserv.remove" else "install"
+                if given not in (None, wanted):
+                    raise ValidationError(
+                        f"params.operation {given!r} does not match op_type {op_type} "
+                        f"(use taskserv.{'remove' if given == 'remove' else 'create'})",
+                        field="params.operation",
+                    )
+                fixed["operation"] = wanted
+            body, _plan = compile_request(what, model.model_validate({**params, **fixed}))
             return body
     except PydanticValidationError as exc:
         problems = "; ".join(
@@ -91,6 +108,11 @@ def build_ops_router(engine: Engine, verifier: Callable[[], TokenVerifier]) -> A
             raise Unauthorized(f"operation refused: {exc.message}", reason=exc.reason) from None
         request.state.identity = Identity(op.requester, op.requester, (), "user")
         request.state.action = "ops:dispatch"
+        if op.op_type in _DOMAIN and op.target != (named := op_target(op.op_type, op.params)):
+            raise ValidationError(
+                f"the op's target {op.target!r} is not the one its params name ({named!r})",
+                field="target",
+            )
         spec = await asyncio.to_thread(_workflow_for, op.op_type, op.params)
         spec["idempotency_key"] = f"op:{op.jti}"
         spec.setdefault("labels", {}).update(op_jti=op.jti, op_type=op.op_type)

@@ -4,6 +4,7 @@ and the inventory reader."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from provisioning.core.errors import ValidationError
 from provisioning.core.store import Database
 
 __all__ = [
+    "DOMAIN_OP_TYPES",
     "BatchRequest",
     "ClusterRequest",
     "DomainRequest",
@@ -20,7 +22,21 @@ __all__ = [
     "TaskservRequest",
     "compile_request",
     "list_servers",
+    "op_target",
 ]
+
+#: The operation types of the ops pipeline that are workspace requests (``op_target``).
+DOMAIN_OP_TYPES = frozenset(
+    {
+        "server.create",
+        "server.delete",
+        "taskserv.create",
+        "taskserv.remove",
+        "cluster.create",
+        "cluster.delete",
+        "batch.submit",
+    }
+)
 
 _Name = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -109,3 +125,33 @@ async def list_servers(
     inv = Inventory(db)
     await inv.migrate()
     return await inv.list(workspace=workspace, infra=infra)
+
+
+def op_target(op_type: str, params: Mapping[str, Any]) -> str:
+    """The target of a domain operation, derived from its params: what the ops-keeper's
+    policies glob on (docs/reference/ops.md). The infra first, so ``prod/*`` covers everything
+    in infra prod; then the one server, or ``@all`` for the whole infra or several servers (no
+    hostname holds ``@``); a task service after its servers; ``@cluster/<name>``,
+    ``@batch/<workflow>``. The keeper refuses a request whose target is not this, and the
+    orchestrator checks it again before it runs the op.
+
+    Raises:
+        ValidationError: ``params`` lack what the target is made of.
+    """
+    try:
+        infra = params["infra"]
+        servers = params.get("servers") or []
+        scope = servers[0] if isinstance(servers, list) and len(servers) == 1 else "@all"
+        if op_type in ("server.create", "server.delete"):
+            return f"{infra}/{scope}"
+        if op_type in ("taskserv.create", "taskserv.remove"):
+            return f"{infra}/{scope}/{params['taskserv']}"
+        if op_type in ("cluster.create", "cluster.delete"):
+            return f"{infra}/@cluster/{params['cluster']}"
+        if op_type == "batch.submit":
+            return f"{infra}/@batch/{params['workflow']}"
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValidationError(
+            f"params of {op_type} lack {exc} (needed to name the target)", field="params"
+        ) from None
+    raise ValidationError(f"op_type {op_type!r} is not a domain operation", field="op_type")
