@@ -73,15 +73,20 @@ def show(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 @contextlib.contextmanager
-def running_platform(data_dir: Path) -> Iterator[Platform]:
+def running_platform(data_dir: Path, *, extra_config: str = "") -> Iterator[Platform]:
+    """``extra_config``: a Nickel record merged (``&``) into the ``platform.ncl`` written here,
+    e.g. ``{ ops_controller = { embedded = false } }`` (it must not set the ports again)."""
     plat = Platform(data_dir=data_dir, port=free_port())
     # The control center's port, for the platform and every later command of this data dir.
     (data_dir / "config").mkdir(parents=True)
-    (data_dir / "config" / "platform.ncl").write_text(
+    config = (
         f"{{ control_center = {{ port = {free_port()} }}, nats = {{ port = {free_port()} }}, "
-        f"ops_keeper = {{ port = {free_port()} }} }}\n",
-        encoding="utf-8",
+        f"ops_keeper = {{ port = {free_port()} }}, ops_controller = {{ port = {free_port()} }}, "
+        f"audit_mirror = {{ port = {free_port()} }} }}"
     )
+    if extra_config.strip():
+        config = f"{config}\n& ({extra_config.strip()})"
+    (data_dir / "config" / "platform.ncl").write_text(config + "\n", encoding="utf-8")
     started = prvng(
         "platform", "start", "--background", "--port", str(plat.port), data_dir=data_dir
     )

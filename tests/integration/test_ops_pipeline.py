@@ -20,10 +20,8 @@ import pytest
 
 from provisioning.core.bus.nats import NatsBus
 from provisioning.core.settings import load_settings
-from provisioning.core.signing import KeyRing, StaticJwks, TokenVerifier
+from provisioning.ops_controller.app import OpsControllerService
 from provisioning.ops_controller.controller import OpsController
-from provisioning.ops_controller.dispatch import HttpDispatcher
-from provisioning.ops_controller.idempotency_sql import SqlIdempotencyStore
 from provisioning.ops_keeper.app import OpsKeeperService
 from provisioning.orchestrator.app import OrchestratorService
 from provisioning.platform.embedded import build_services
@@ -99,30 +97,14 @@ async def pipeline(tmp_path: Path, state_url: str) -> AsyncIterator[Pipeline]:
         cc, services = build_services(settings, bus=bus)
         orch = next(s for s in services if isinstance(s, OrchestratorService))
         keeper = next(s for s in services if isinstance(s, OpsKeeperService))
+        ctl = next(s for s in services if isinstance(s, OpsControllerService))
         for svc in services:
             await svc.start()
-        stack.push_async_callback(cc.stop)
-        stack.push_async_callback(orch.stop, kill_running=True)
-        stack.push_async_callback(keeper.stop)
-        store = SqlIdempotencyStore(cc.db)
-        await store.open()
-        dispatcher = HttpDispatcher("http://o", transport=httpx.ASGITransport(app=orch.app))
-        stack.push_async_callback(dispatcher.close)
-        ring = KeyRing(home / "keys" / "ops-keeper")
-        controller = OpsController(
-            TokenVerifier(StaticJwks(ring), audience="prvng-ops", issuer="prvng-ops-keeper"),
-            store,
-            dispatcher,
-            bus,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.create_task(controller.run(stop))
-
-        async def halt() -> None:
-            stop.set()
-            await asyncio.wait_for(loop, 10)
-
-        stack.push_async_callback(halt)
+            if svc is orch:
+                stack.push_async_callback(orch.stop, kill_running=True)
+            else:
+                stack.push_async_callback(svc.stop)
+        controller = ctl.controller
         cc_http = await stack.enter_async_context(
             httpx.AsyncClient(transport=httpx.ASGITransport(app=cc.app), base_url="http://cc")
         )

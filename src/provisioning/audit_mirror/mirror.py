@@ -93,6 +93,7 @@ __all__ = [
     "PublishResult",
     "SshSigner",
     "canonical_json",
+    "check_event",
     "checkpoint_payload",
     "event_path",
     "parse_commit",
@@ -716,6 +717,16 @@ class _Prepared:
     subject: str
 
 
+def check_event(event: Any) -> None:
+    """Raise what :meth:`GitMirror.mirror` would raise for ``event`` alone, writing nothing
+    (a consumer sets a bad event aside instead of failing its whole batch).
+
+    Raises:
+        ValidationError: not a JSON object, no usable ``id``/``ts``, or not strict JSON.
+    """
+    _prepare(0, event)
+
+
 def _prepare(index: int, event: Any) -> _Prepared:
     if not isinstance(event, Mapping):
         raise ValidationError(f"audit event #{index} is not a JSON object", field="events")
@@ -833,6 +844,10 @@ class GitMirror:
         self.close()
 
     @property
+    def is_open(self) -> bool:
+        return self._lock_fd is not None
+
+    @property
     def head(self) -> str | None:
         """The commit ``refs/heads/main`` points to (None before the first event)."""
         return self._head
@@ -854,10 +869,19 @@ class GitMirror:
         if not key.exists():
             # Made under a temporary name and renamed: a crash never leaves half a key.
             key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = key.with_name(f".{key.name}.{secrets.token_hex(4)}.tmp")
-            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", PRINCIPAL, "-f", str(tmp)])
-            os.replace(tmp.with_name(tmp.name + ".pub"), key.with_name(key.name + ".pub"))
-            os.replace(tmp, key)
+            # Generated in-process (an OpenSSH key file, as `ssh-keygen -t ed25519` writes).
+            new_key = Ed25519PrivateKey.generate()
+            private = new_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+            public = new_key.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+            pub = key.with_name(key.name + ".pub")
+            _write_durably(pub, public + b" " + PRINCIPAL.encode() + b"\n")
+            _write_durably(key, private, mode=0o600)  # last: the key's presence marks done
             _fsync_dir(key.parent)
             logger.info("created audit-mirror signing key %s", key)
         mode = key.stat().st_mode & 0o777

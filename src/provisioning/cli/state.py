@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
@@ -14,9 +14,11 @@ from provisioning.cli.credentials import Credentials
 from provisioning.cli.output import OutputFormat
 from provisioning.control_center.client import ControlCenterClient
 from provisioning.core.settings import Settings, load_settings
-from provisioning.ops_keeper.client import OpsKeeperClient
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.platform.pidfile import PidFile
+
+if TYPE_CHECKING:
+    from provisioning.ops_keeper.client import OpsKeeperClient
 
 __all__ = ["CliState", "run", "state_of"]
 
@@ -70,6 +72,8 @@ class CliState:
 
     def keeper_client(self) -> OpsKeeperClient:
         """An ops-keeper client with the stored login or API key."""
+        from provisioning.ops_keeper.client import OpsKeeperClient  # only the ops commands
+
         return OpsKeeperClient(self.keeper_url(), token=self.credentials().bearer_async)
 
     def credentials(self) -> Credentials:

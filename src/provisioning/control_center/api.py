@@ -101,6 +101,9 @@ class ForwardedEvent(_Model):
     source: str | None = Field(None, max_length=100)
     request_id: str | None = Field(None, max_length=100)
     service: str = Field(min_length=1, max_length=100)
+    ts: str | None = Field(
+        None, max_length=40, description="When it happened at its source (RFC 3339)."
+    )
     details: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -586,8 +586,10 @@ class IdentityService:
                 if e["id"] in seen:
                     continue
                 seen.add(e["id"])
-                fields = {k: v for k, v in e.items() if k not in ("id", "details")}
-                details = {**e.get("details", {}), "forwarded_by": by}
+                fields = {k: v for k, v in e.items() if k not in ("id", "details", "ts")}
+                details = {**(e.get("details") or {}), "forwarded_by": by}
+                if e.get("ts"):  # recorded at ingest; the source's own time is kept beside
+                    details["source_ts"] = e["ts"]
                 audit_log.append(conn, AuditEvent(**fields, details=details), event_id=e["id"])
                 recorded += 1
             return {"recorded": recorded, "duplicates": len(events) - recorded}

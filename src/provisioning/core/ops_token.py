@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioning.core.errors import Unauthorized
-from provisioning.core.signing import TokenVerifier
+from provisioning.core.settings import Settings
+from provisioning.core.signing import HttpJwks, JwksSource, KeyRing, StaticJwks, TokenVerifier
 
 __all__ = [
     "OPS_AUDIENCE",
@@ -35,6 +36,7 @@ __all__ = [
     "OpRejected",
     "VerifiedOp",
     "canonical_params",
+    "ops_verifier",
     "verify_op",
 ]
 
@@ -153,3 +155,16 @@ async def verify_op(
         claims=claims,
         token=token,
     )
+
+
+def ops_verifier(settings: Settings) -> TokenVerifier:
+    """Verifies operation tokens against the ops-keeper's key set: its key ring in this data
+    dir (the embedded platform, or services sharing the data dir), else its JWKS over HTTP
+    (``ops_keeper.url``)."""
+    k = settings.ops_keeper
+    source: JwksSource = (
+        HttpJwks(f"{k.url.rstrip('/')}/.well-known/jwks.json")
+        if k.url
+        else StaticJwks(KeyRing(settings.home / "keys" / "ops-keeper"))
+    )
+    return TokenVerifier(source, audience=k.token_audience, issuer=k.issuer)

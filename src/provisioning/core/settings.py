@@ -19,18 +19,20 @@ from pydantic import ValidationError as PydanticValidationError
 
 from provisioning.core.errors import ConfigError
 from provisioning.core.nickel import contract, evaluate_file
-from provisioning.core.store.base import to_async_url
 
 __all__ = [
+    "AuditMirrorSettings",
     "ControlCenterSettings",
     "LogSettings",
     "NatsSettings",
+    "OpsControllerSettings",
     "OpsKeeperSettings",
     "OrchestratorSettings",
     "Settings",
     "StateSettings",
     "default_home",
     "load_settings",
+    "to_async_url",
 ]
 
 ENV_PREFIX = "PRVNG_"
@@ -39,6 +41,16 @@ ENV_PREFIX = "PRVNG_"
 def default_home() -> Path:
     """``$PRVNG_HOME`` or ``~/.local/share/provisioning``."""
     return Path.home() / ".local" / "share" / "provisioning"
+
+
+def to_async_url(url: str) -> str:
+    """Map a user-facing database URL to its async SQLAlchemy driver URL."""
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+    return url
 
 
 class _Section(BaseModel):
@@ -204,13 +216,18 @@ class OpsControllerSettings(_Section):
     )
     surreal_path: str = Field(
         "",
-        description="SurrealDB file store for `idempotency = \"surrealdb\"`; empty: "
+        description='SurrealDB file store for `idempotency = "surrealdb"`; empty: '
         "`<home>/state/ops-idempotency.surreal`. A relative path is taken from the data dir.",
     )
     api_key: str = Field(
         "",
         description="An API key with `workflow:read`, used at start to settle ops a crash left "
         "`dispatched` by asking the orchestrator; empty: the redelivered message settles them.",
+    )
+    embedded: bool = Field(
+        True,
+        description="Run a controller inside `prvng platform start`; false when controllers "
+        "run as their own processes (`prvng serve ops-controller`).",
     )
     batch: int = Field(16, ge=1, le=1000, description="Messages fetched at once.")
     max_delay_s: float = Field(
@@ -239,6 +256,11 @@ class AuditMirrorSettings(_Section):
         default_factory=list,
         description="Git remotes (names or URLs) pushed to after each batch; `rad` (Radicle) "
         "is skipped when the `rad` CLI is not installed.",
+    )
+    embedded: bool = Field(
+        True,
+        description="Run the audit-mirror inside `prvng platform start`; false when it runs as "
+        "its own process (`prvng serve audit-mirror`).",
     )
     batch: int = Field(100, ge=1, le=10000, description="Events fetched (and committed) at once.")
 

@@ -89,6 +89,7 @@ class Dispatcher(Protocol):
 def _event(op_jti: str | None, result: str, action: str, **details: Any) -> dict[str, Any]:
     return {
         "id": str(uuid.uuid4()),
+        "ts": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "action": action,
         "result": result,
         "actor": "ops-controller",

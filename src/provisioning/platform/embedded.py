@@ -7,7 +7,7 @@ the next request, and record their denials in its audit log.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from provisioning.control_center.app import ControlCenterService
 from provisioning.core.auth import Guard
@@ -35,25 +35,50 @@ def build_services(
         db=cc.db,
     )
     services: list[Service] = [cc, orchestrator]
-    if bus is not None:  # the keeper publishes signed operations: only with NATS
-        from provisioning.ops_keeper.app import OpsKeeperService
-
-        keeper_guard = Guard(cc.authenticator, cc.authorizer, audit=cc.audit_hook("ops-keeper"))
-        services.append(OpsKeeperService(settings, guard=keeper_guard, db=cc.db, bus=bus))
+    if bus is not None:  # the ops control plane lives on NATS
+        services.extend(_ops_services(settings, cc, orchestrator, bus))
     return cc, services
+
+
+def _ops_services(
+    settings: Settings, cc: ControlCenterService, orchestrator: OrchestratorService, bus: NatsBus
+) -> list[Service]:
+    """The keeper, the controller (dispatching to the orchestrator's app in this process, and
+    reconciling by reading its store) and the audit-mirror, all on the platform's bus."""
+    import httpx
+
+    from provisioning.audit_mirror.app import AuditMirrorService
+    from provisioning.ops_controller.app import OpsControllerService
+    from provisioning.ops_keeper.app import OpsKeeperService
+
+    keeper_guard = Guard(cc.authenticator, cc.authorizer, audit=cc.audit_hook("ops-keeper"))
+
+    async def lookup(jti: str) -> dict[str, Any] | None:
+        found = await orchestrator.store.find_by_idempotency_key(f"op:{jti}")
+        return {"id": found} if found else None
+
+    shared_db = cc.db if settings.ops_controller.idempotency == "state" else None
+    services: list[Service] = [OpsKeeperService(settings, guard=keeper_guard, db=cc.db, bus=bus)]
+    if settings.ops_controller.embedded:
+        services.append(
+            OpsControllerService(
+                settings,
+                db=shared_db,
+                bus=bus,
+                transport=httpx.ASGITransport(app=orchestrator.app),
+                lookup=lookup,
+            )
+        )
+    if settings.audit_mirror.embedded:
+        services.append(AuditMirrorService(settings, bus=bus))
+    return services
 
 
 def make_bus(settings: Settings) -> NatsBus:
     """An unconnected bus on the platform's NATS (embedded or ``nats.url``)."""
-    from provisioning.core.bus.nats import NatsBus
+    from provisioning.core.bus.nats import bus_for
 
-    n = settings.nats
-    return NatsBus(
-        settings.nats_servers,
-        max_deliver=n.max_deliver,
-        ack_wait_s=n.ack_wait_s,
-        duplicate_window_s=n.duplicate_window_s,
-    )
+    return bus_for(settings, name="prvng-platform")
 
 
 class BusConnection:

@@ -166,8 +166,12 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
             console.print(f"platform started in the background (pid {proc.pid})")
             console.print(f"  orchestrator    {url}")
             console.print(f"  control center  {settings.control_center_url}")
-            k = settings.ops_keeper
-            console.print(f"  ops-keeper      http://{_client_host(k.host)}:{k.port}")
+            for name, sec in (
+                ("ops-keeper", settings.ops_keeper),
+                ("ops-controller", settings.ops_controller),
+                ("audit-mirror", settings.audit_mirror),
+            ):
+                console.print(f"  {name:<15} http://{_client_host(sec.host)}:{sec.port}")
             console.print(f"  nats            {', '.join(settings.nats_servers)}")
             console.print(f"  log             {log_path}")
             if first_password:

@@ -30,6 +30,7 @@ from provisioning.core.bus import (
 )
 from provisioning.core.errors import Unreachable
 from provisioning.core.logging import get_logger
+from provisioning.core.settings import Settings
 
 __all__ = ["NatsBus"]
 
@@ -194,3 +195,33 @@ class NatsBus:
         if nc is not None and not nc.is_closed:
             # Not drain(): it waits out open pull requests (30 s). Answers are sent at once.
             await nc.close()
+
+
+def bus_for(settings: Settings, *, name: str = "prvng") -> NatsBus:
+    """An unconnected bus on the platform's NATS (embedded or ``nats.url``) with the
+    stream and consumer limits of ``settings.nats``; ``name`` is the client name NATS shows."""
+    n = settings.nats
+    return NatsBus(
+        settings.nats_servers,
+        max_deliver=n.max_deliver,
+        ack_wait_s=n.ack_wait_s,
+        duplicate_window_s=n.duplicate_window_s,
+        name=name,
+    )
+
+
+async def connect_bus(settings: Settings, *, name: str, timeout_s: float = 5.0) -> NatsBus:
+    """A bus connected to the platform's NATS whose streams and consumers exist.
+
+    Raises:
+        Unreachable: NATS did not answer within ``timeout_s``.
+    """
+    bus = bus_for(settings, name=name)
+    await bus.connect(timeout_s=timeout_s)
+    try:
+        await bus.ensure()
+    except BaseException:
+        await bus.close()
+        raise
+    log.info("connected to NATS", extra={"client": name, "servers": bus.servers})
+    return bus

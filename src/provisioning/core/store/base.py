@@ -23,6 +23,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from sqlalchemy.engine import Connection
 
+from provisioning.core.settings import to_async_url
+
 __all__ = ["Database", "open_database"]
 
 T = TypeVar("T")
@@ -46,16 +48,6 @@ class Database(Protocol):
     async def close(self) -> None:
         """Release every connection and thread."""
         ...
-
-
-def to_async_url(url: str) -> str:
-    """Map a user-facing database URL to its async SQLAlchemy driver URL."""
-    if url.startswith("sqlite:///"):
-        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url.removeprefix(prefix)
-    return url
 
 
 def open_database(url: str, *, sqlite_synchronous: str = "FULL") -> Database:
