@@ -18,6 +18,7 @@ from provisioning import __version__
 from provisioning.cli.commands import (
     domain,
     identity,
+    ops,
     platform,
     provision,
     serve,
@@ -50,6 +51,7 @@ app.add_typer(provision.server_app, name="server")
 app.add_typer(provision.taskserv_app, name="taskserv")
 app.add_typer(provision.cluster_app, name="cluster")
 app.add_typer(provision.batch_app, name="batch")
+app.add_typer(ops.app, name="ops")
 app.command("login")(identity.login)
 app.command("logout")(identity.logout)
 app.command("whoami")(identity.whoami)

@@ -11,16 +11,17 @@ from provisioning.core.audit_relay import AuditRelay, HttpAuditSender, outbox_ho
 from provisioning.core.auth import AuditHook, Guard, install_mutation_audit
 from provisioning.core.identity_client import standalone_guard as shared_standalone_guard
 from provisioning.core.logging import get_logger
+from provisioning.core.ops_token import ops_verifier
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
-from provisioning.core.signing import HttpJwks, JwksSource, KeyRing, StaticJwks, TokenVerifier
+from provisioning.core.signing import TokenVerifier
 from provisioning.core.store import Database, open_database
 from provisioning.core.web import BodyLimitMiddleware, install_error_handlers
 from provisioning.orchestrator.domain_routes import build_domain_router
 from provisioning.orchestrator.engine import Engine
 from provisioning.orchestrator.metrics import Metrics
 from provisioning.orchestrator.ops_routes import build_ops_router
-from provisioning.orchestrator.routes import build_router
+from provisioning.orchestrator.routes import SignedOpsGate, build_router
 from provisioning.orchestrator.store import WorkflowStore
 from provisioning.orchestrator.tables import audit_outbox
 
@@ -79,17 +80,9 @@ class OrchestratorService:
         self.app = self._build_app()
 
     def ops_verifier(self) -> TokenVerifier:
-        """Verifies operation tokens against the ops-keeper's key set: its key ring in this
-        data dir (the embedded platform), else its JWKS over HTTP (``ops_keeper.url``)."""
+        """Verifies operation tokens (``core.ops_token.ops_verifier``), made on first use."""
         if self._ops_verifier is None:
-            ring_dir = self.settings.home / "keys" / "ops-keeper"
-            k = self.settings.ops_keeper
-            source: JwksSource = (
-                HttpJwks(f"{k.url.rstrip('/')}/.well-known/jwks.json")
-                if k.url
-                else StaticJwks(KeyRing(ring_dir))
-            )
-            self._ops_verifier = TokenVerifier(source, audience=k.token_audience, issuer=k.issuer)
+            self._ops_verifier = ops_verifier(self.settings)
         return self._ops_verifier
 
     @property
@@ -108,8 +101,12 @@ class OrchestratorService:
             "checkpoints and rollback. Answers use the `{success, data}` envelope.",
         )
         install_error_handlers(app)
-        app.include_router(build_router(self.engine, self.metrics, self.guard, time.monotonic()))
-        app.include_router(build_domain_router(self.engine, self.guard))
+        signed_ops = SignedOpsGate(self.settings.orchestrator.require_signed_ops, self.guard)
+        if signed_ops.required:
+            log.info("require_signed_ops: workflows are made only from signed operations")
+        started = time.monotonic()
+        app.include_router(build_router(self.engine, self.metrics, self.guard, started, signed_ops))
+        app.include_router(build_domain_router(self.engine, self.guard, signed_ops))
         app.include_router(build_ops_router(self.engine, self.ops_verifier))
         install_mutation_audit(app, self.guard, "orchestrator")
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.orchestrator.max_body_bytes)

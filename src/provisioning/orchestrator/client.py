@@ -93,6 +93,12 @@ class OrchestratorClient:
         params = {k: v for k, v in filters.items() if v is not None}
         return list(await self._call("GET", "/workflows", params=params))
 
+    async def find_workflow(self, idempotency_key: str) -> dict[str, Any] | None:
+        """The workflow submitted with this idempotency key (``op:<op id>`` for one made from
+        a signed operation), without its tasks; None when there is none (or not yours)."""
+        found = await self._call("GET", "/workflows", params={"idempotency_key": idempotency_key})
+        return dict(found[0]) if found else None
+
     async def get_workflow(self, workflow_id: str) -> dict[str, Any]:
         return dict(await self._call("GET", f"/workflows/{workflow_id}"))
 

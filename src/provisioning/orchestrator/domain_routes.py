@@ -1,6 +1,6 @@
 """The workflow endpoints that compile a workspace request into a DAG (DESIGN §5, §6), and the
 servers' inventory. Each is guarded by its own action; ``check: true`` answers the plan and
-submits nothing."""
+submits nothing (also under ``orchestrator.require_signed_ops``, which refuses the rest)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from provisioning.core.auth import Guard, Identity
 from provisioning.core.web import envelope
 from provisioning.orchestrator.api import WorkflowSpec
 from provisioning.orchestrator.engine import Engine
+from provisioning.orchestrator.routes import SignedOpsGate
 from provisioning.workspace.api import (
     BatchRequest,
     ClusterRequest,
@@ -27,13 +28,15 @@ from provisioning.workspace.api import (
 __all__ = ["build_domain_router"]
 
 
-def build_domain_router(engine: Engine, guard: Guard) -> APIRouter:
+def build_domain_router(engine: Engine, guard: Guard, signed_ops: SignedOpsGate) -> APIRouter:
     r = APIRouter(tags=["provisioning"])
 
     def need(action: str) -> Any:
         return Depends(guard.require(action))
 
     async def submit(request: Request, what: str, req: DomainRequest, who: Identity) -> Response:
+        if not req.check:
+            await signed_ops.check(request, who)
         body, plan = await asyncio.to_thread(compile_request, what, req)
         if req.check:
             return envelope({"check": True, "plan": plan})

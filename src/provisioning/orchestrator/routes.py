@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from provisioning import __version__
 from provisioning.core.auth import Guard, Identity
+from provisioning.core.errors import Forbidden
 from provisioning.core.rbac import Resource
 from provisioning.core.web import envelope
 from provisioning.orchestrator.api import TaskStatus, WorkflowKind, WorkflowSpec, WorkflowStatus
@@ -21,15 +22,48 @@ from provisioning.orchestrator.engine import Engine
 from provisioning.orchestrator.logs import follow_log, parse_position, read_lines
 from provisioning.orchestrator.metrics import Metrics
 
-__all__ = ["build_router"]
+__all__ = ["SignedOpsGate", "build_router"]
 
 Id = Annotated[str, Path(min_length=1, max_length=64, description="Object id (UUID).")]
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size, 1-1000.")]
 Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip.")]
 
 
-def build_router(engine: Engine, metrics: Metrics, guard: Guard, started: float) -> APIRouter:
-    """All routes, bound to one engine."""
+class SignedOpsGate:
+    """``orchestrator.require_signed_ops``: the one check every route that makes a workflow
+    from a caller's own request passes (``POST /workflows``, the domain routes, batches), after
+    authentication and before anything is stored. ``POST /ops/dispatch`` does not pass it: its
+    workflows come from operations the ops-keeper signed. Retry and rollback re-run tasks of an
+    existing workflow and make none, so they do not pass it either; a ``check: true`` plan
+    makes nothing and is allowed."""
+
+    MESSAGE = (
+        "this orchestrator has orchestrator.require_signed_ops = true: workflows are made only "
+        "from operations the ops-keeper approved and signed. Ask the keeper instead: add "
+        "--via-ops to the prvng command (or POST /ops on the ops-keeper)"
+    )
+
+    def __init__(self, required: bool, guard: Guard) -> None:
+        self.required = required
+        self._guard = guard
+
+    async def check(self, request: Request, who: Identity) -> None:
+        """Raises: Forbidden (code ``forbidden``, ``setting`` in the details) when signed
+        operations are required; the refusal is recorded as a denial in the audit log."""
+        if not self.required:
+            return
+        action = getattr(request.state, "action", None) or "workflow:create"
+        if self._guard.audit is not None:
+            await self._guard.audit(
+                request, who, action, "denied", {"setting": "orchestrator.require_signed_ops"}
+            )
+        raise Forbidden(self.MESSAGE, setting="orchestrator.require_signed_ops", action=action)
+
+
+def build_router(
+    engine: Engine, metrics: Metrics, guard: Guard, started: float, signed_ops: SignedOpsGate
+) -> APIRouter:
+    """All routes, bound to one engine; ``signed_ops`` guards the route that submits."""
     r = APIRouter()
     store = engine.store
 
@@ -44,6 +78,7 @@ def build_router(engine: Engine, metrics: Metrics, guard: Guard, started: float)
                 "uptime_s": round(time.monotonic() - started, 3),
                 "running_tasks": engine.running_count,
                 "auth": "required" if guard.authenticator is not None else "disabled",
+                "require_signed_ops": signed_ops.required,
             }
         )
 
@@ -73,6 +108,7 @@ def build_router(engine: Engine, metrics: Metrics, guard: Guard, started: float)
         spec: Annotated[WorkflowSpec, Body()],
         who: Identity = need("workflow:create"),
     ) -> Response:
+        await signed_ops.check(request, who)
         wf_id, created = await engine.submit(spec, owner=who.subject)
         request.state.audit_object = ("Workflow", wf_id)  # for the mutation audit record
         doc = await store.get_workflow(wf_id, with_tasks=True)

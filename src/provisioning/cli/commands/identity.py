@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -374,11 +375,46 @@ def mfa_enroll(
     console.print("MFA enabled; log in again with `prvng login` to get an MFA session.")
 
 
+class SigningService(StrEnum):
+    CONTROL_CENTER = "control-center"
+    KEEPER = "keeper"
+
+
 @signing_app.command("rotate")
-def keys_rotate(ctx: typer.Context) -> None:
-    """Make a new token signing key; the old one stays valid until its tokens expire."""
-    doc = _call(ctx, "POST", "/keys/rotate")
-    console.print(f"new signing key {doc['kid']}", markup=False)
+def keys_rotate(
+    ctx: typer.Context,
+    service: Annotated[
+        SigningService,
+        typer.Option(
+            help="Whose key: the control center's (login tokens) or the ops-keeper's "
+            "(operation tokens, published in its /.well-known/jwks.json)."
+        ),
+    ] = SigningService.CONTROL_CENTER,
+) -> None:
+    """Make a new token signing key; the old one stays valid until its tokens expire.
+
+    The ops-keeper keeps a rotated-out key in its JWKS for
+    ops_keeper.key_overlap_s. Needs keys:rotate (admin).
+
+    Example: prvng keys rotate --service keeper
+    """
+    st = state_of(ctx)
+    if service is SigningService.KEEPER:
+
+        async def go() -> dict[str, Any]:
+            async with st.keeper_client() as c:
+                return await c.rotate_keys()
+
+        doc = run(go())
+        keys = len(doc["jwks"]["keys"])
+        what = f"new ops-keeper signing key {doc['kid']}; its JWKS now lists {keys} keys"
+    else:
+        doc = _call(ctx, "POST", "/keys/rotate")
+        what = f"new signing key {doc['kid']}"
+    if st.output is OutputFormat.TABLE:
+        console.print(what, markup=False)
+    else:
+        render(doc, st.output)
 
 
 __all__ = [

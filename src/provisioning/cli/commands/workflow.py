@@ -1,21 +1,35 @@
-"""`prvng workflow …`: submit, watch and control workflows."""
+"""`prvng workflow …`: submit, watch and control workflows.
+
+It also holds what every submitting command shares: following a workflow to its end
+(``_wait``), reporting how it ended (``report_workflow``), and asking the ops-keeper for the
+operation instead of submitting (``via``, the ``--via-ops`` flag).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from provisioning.cli.output import OutputFormat, console, render
-from provisioning.cli.state import run, state_of
+from provisioning.cli.commands.ops import _decided
+from provisioning.cli.commands.ops import _wait as until_final
+from provisioning.cli.output import OutputFormat, console, err_console, render
+from provisioning.cli.state import CliState, run, state_of
 from provisioning.core.errors import OperationFailed, Unreachable
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.orchestrator.workflow_file import load_workflow_file
+
+if TYPE_CHECKING:
+    from provisioning.ops_keeper.client import OpsKeeperClient
 
 app = typer.Typer(help="Submit, list, watch and control workflows.", no_args_is_help=True)
 
@@ -78,6 +92,24 @@ def submit(
         str | None,
         typer.Option(help="Submitting the same key again returns the same workflow."),
     ] = None,
+    via_ops: Annotated[
+        bool,
+        typer.Option(
+            "--via-ops",
+            envvar="PRVNG_VIA_OPS",
+            help="Ask the ops-keeper for a `workflow.submit` operation on --target instead of "
+            "submitting; prints the operation id, the decision and the policy that made it. "
+            "With --wait, follows the workflow the ops-controller makes of it. Required when "
+            "the orchestrator has orchestrator.require_signed_ops.",
+        ),
+    ] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="With --via-ops: the operation's target, which the keeper's policies glob "
+            "on (e.g. prod/nightly-backup); default workflow/<name of the workflow>.",
+        ),
+    ] = None,
 ) -> None:
     """Validate a workflow file locally, submit it and print its id.
 
@@ -85,6 +117,17 @@ def submit(
     """
     st = state_of(ctx)
     spec = load_workflow_file(file)
+    if via_ops:
+        if idempotency_key:
+            raise typer.BadParameter(
+                "does not go with --via-ops: the workflow's key is op:<operation id>",
+                param_hint="--idempotency-key",
+            )
+        params = spec.model_dump(mode="json", exclude_none=True)
+        via(st, "workflow.submit", target or workflow_target(spec.name), params, wait=wait)
+        return
+    if target:
+        raise typer.BadParameter("goes with --via-ops only", param_hint="--target")
     if idempotency_key:
         spec = spec.model_copy(update={"idempotency_key": idempotency_key})
 
@@ -95,17 +138,153 @@ def submit(
                 wf = await _wait(c, wf["id"], st.output)
             return wf
 
-    wf = run(go())
-    if st.output is OutputFormat.TABLE:
+    report_workflow(run(go()), st.output, wait=wait)
+
+
+def report_workflow(wf: dict[str, Any], fmt: OutputFormat, *, wait: bool) -> None:
+    """Print a submitted (or, with ``wait``, ended) workflow.
+
+    Raises:
+        OperationFailed: ``wait`` and it did not complete.
+    """
+    if fmt is OutputFormat.TABLE:
         console.print(f"workflow {wf['id']} {wf['name']}: {wf['status']}", markup=False)
         if wait and wf.get("error"):
             console.print(wf["error"], markup=False, style="red")
     else:
-        render(wf, st.output)
+        render(wf, fmt)
     if wait and wf["status"] != "Completed":
         raise OperationFailed(
             f"workflow {wf['id']} ended {wf['status']}: {wf.get('error') or ''}".rstrip(": ")
         )
+
+
+# --------------------------------------------------------------------------- --via-ops
+
+_NOT_IN_TARGET = re.compile(r"[^A-Za-z0-9_.:@/-]+")
+_DISPATCH_GRACE_S = 60.0  # a token the controller verified just before `exp` may still land
+
+
+def workflow_target(name: str) -> str:
+    """The default target of a ``workflow.submit`` operation: ``workflow/<name>``, characters
+    a target may not hold replaced by ``-``."""
+    return f"workflow/{_NOT_IN_TARGET.sub('-', name).strip('-') or 'unnamed'}"[:200]
+
+
+def via(st: CliState, op_type: str, target: str, params: Mapping[str, Any], *, wait: bool) -> None:
+    """``--via-ops``: request the operation from the ops-keeper and print its decision; with
+    ``wait``, wait until the keeper published it (through an approval, if one is needed), find
+    the workflow the ops-controller made of it (idempotency key ``op:<op id>``) and follow it.
+
+    Raises:
+        OperationFailed: the keeper rejected the operation (a policy, a freeze, an approver),
+            it expired, no workflow came of it in time, or the workflow did not complete.
+    """
+    say = console if st.output is OutputFormat.TABLE else err_console
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any] | None]:
+        async with st.keeper_client() as k:
+            op = await k.request_op(op_type, target, params=params)
+            _say_decision(op, say)
+            if not wait or op["state"] == "rejected":
+                return op, None
+            op = await _until_published(k, op, say)
+        async with st.client() as c:
+            wf = await _op_workflow(c, op, say)
+            return op, await _wait(c, wf["id"], st.output)
+
+    op, wf = run(go())
+    if wf is not None:
+        report_workflow(wf, st.output, wait=True)
+        return
+    if st.output is not OutputFormat.TABLE:
+        render(op, st.output)
+    _raise_if_refused(op)
+
+
+def decided_by(decision: Mapping[str, Any]) -> str:
+    """Who made a keeper decision (an operation or an evaluation): a freeze, a policy, or the
+    default rejection."""
+    if decision.get("frozen_by"):
+        return f"change freeze {decision['frozen_by']}"
+    if decision.get("policy"):
+        return f"policy {decision['policy']}"
+    return "default (no policy matched)"
+
+
+def _say_decision(op: dict[str, Any], say: Console) -> None:
+    by = decided_by(op)
+    say.print(
+        f"operation {op['id']} {op['op_type']} {op['target']}: {op['decision']} by {by}, "
+        f"now {op['state']}",
+        markup=False,
+    )
+    say.print(f"  {op['decision_reason']}", markup=False)
+    if op["state"] == "pending_approval":
+        say.print(
+            f"awaiting approval by another user holding the role {op['approver_role']}: "
+            f"prvng ops approve {op['id']} --reason ...",
+            markup=False,
+            style="yellow",
+        )
+
+
+def _raise_if_refused(op: dict[str, Any]) -> None:
+    if op["state"] == "rejected":
+        why = op.get("approver_reason") or op["decision_reason"]
+        raise OperationFailed(f"operation {op['id']} was rejected: {why}", op=op["id"])
+    if op["state"] == "expired":
+        why = op.get("expired_reason") or "it was not approved or published in time"
+        raise OperationFailed(f"operation {op['id']} expired: {why}; request it again")
+
+
+def _deadline(op: dict[str, Any], *fields: str, default_s: float) -> datetime:
+    for field in fields:
+        if op.get(field):
+            at = datetime.fromisoformat(op[field])
+            at = at if at.tzinfo else at.replace(tzinfo=UTC)
+            return at + timedelta(seconds=_DISPATCH_GRACE_S)
+    return datetime.now(UTC) + timedelta(seconds=default_s)
+
+
+async def _until_published(k: OpsKeeperClient, op: dict[str, Any], say: Console) -> dict[str, Any]:
+    """Poll the keeper while the operation waits for an approval or for NATS (``prvng ops
+    request --wait``'s loop), until its approval window or token runs out.
+
+    Raises:
+        OperationFailed: it was rejected or expired, or is stuck past its deadline.
+    """
+    first = op["state"]
+    if first == "pending_approval":
+        say.print("waiting for the approval (Ctrl-C stops waiting; the request stays)")
+    left = _deadline(op, "approval_expires_at", "token_expires_at", default_s=600)
+    op = await until_final(k, op, max(1.0, (left - datetime.now(UTC)).total_seconds()), quiet=True)
+    if op["state"] != first:
+        say.print(_decided(op), markup=False)
+    _raise_if_refused(op)
+    say.print("waiting for the ops-controller to make the workflow", markup=False)
+    return op
+
+
+async def _op_workflow(c: OrchestratorClient, op: dict[str, Any], say: Console) -> dict[str, Any]:
+    """The workflow the ops-controller made of a published operation.
+
+    Raises:
+        OperationFailed: none came of it before its token expired (no controller running, or
+            it refused the operation: the audit log says why).
+    """
+    key = f"op:{op['id']}"
+    deadline = _deadline(op, "token_expires_at", default_s=600)
+    while (wf := await c.find_workflow(key)) is None:
+        if datetime.now(UTC) > deadline:
+            raise OperationFailed(
+                f"no workflow came of operation {op['id']} (idempotency key {key}) before its "
+                "token expired: is the ops-controller running (`prvng platform status`)? It "
+                "refuses an operation it cannot dispatch, and the audit log says why"
+            )
+        await asyncio.sleep(0.5)
+    say.print(f"workflow {wf['id']} made of operation {op['id']}", markup=False)
+    return wf
 
 
 async def _wait(
