@@ -156,6 +156,13 @@ async def test_an_approved_op_runs_once_and_its_outcome_is_audited(pipeline: Pip
         lambda: _audit(p, "ops:dispatch", op["id"]),
     )
     assert audit[0]["result"] == "success" and audit[0]["service"] == "ops-controller"
+    # The keeper's decision is in the log once: as its ops.audit event, not also as the HTTP
+    # call that asked for it.
+    requested = await until("the decision was audited", lambda: _audit(p, "ops:request", op["id"]))
+    await asyncio.sleep(0.5)
+    requested = await _audit(p, "ops:request", op["id"])
+    assert len(requested) == 1, requested
+    assert requested[0]["details"]["forwarded_by"] == "nats:ops.audit"
     assert (await p.cc_http.get("/audit/verify", headers=p.users["admin"])).json()["data"]["ok"]
 
 

@@ -346,19 +346,38 @@ class Guard:
 _MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-def install_mutation_audit(app: FastAPI, guard: Guard, service: str) -> None:
+def install_mutation_audit(
+    app: FastAPI,
+    guard: Guard,
+    service: str,
+    *,
+    self_audited: Callable[[str, str], bool] | None = None,
+) -> None:
     """Record every mutating request of ``app`` (who, action, object, result) through the
     guard's audit hook, after the response is known. Denials are recorded by the guard.
-    Reads pass straight through (a pure ASGI middleware: no cost on GET)."""
+    Reads pass straight through (a pure ASGI middleware: no cost on GET).
+
+    ``self_audited(method, path)``: requests whose success the service records itself as a
+    richer event (the keeper's decisions on ``ops.audit``); only their failures are
+    recorded here, so one decision is not in the log twice."""
     if guard.audit is not None:
-        app.add_middleware(_MutationAudit, hook=guard.audit, service=service)
+        app.add_middleware(
+            _MutationAudit, hook=guard.audit, service=service, self_audited=self_audited
+        )
 
 
 class _MutationAudit:
-    def __init__(self, app: ASGIApp, hook: AuditHook, service: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        hook: AuditHook,
+        service: str,
+        self_audited: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.app = app
         self.hook = hook
         self.service = service
+        self.self_audited = self_audited
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _MUTATING:
@@ -375,7 +394,12 @@ class _MutationAudit:
         try:
             await self.app(scope, receive, capture)
         finally:
-            if status not in (401, 403):
+            own = (
+                status < 400
+                and self.self_audited is not None
+                and self.self_audited(scope["method"], scope["path"])
+            )
+            if status not in (401, 403) and not own:
                 await self._record(Request(scope), status)
 
     async def _record(self, request: Request, status: int) -> None:

@@ -44,6 +44,13 @@ def policy_path(settings: Settings) -> Path:
     return path if path.is_absolute() else settings.home / path
 
 
+def _decision_route(method: str, path: str) -> bool:
+    """Routes whose success is audited as a decision on ``ops.audit`` (service.py)."""
+    if method == "POST":
+        return path == "/ops" or path == "/ops/freeze" or path.endswith(("/approve", "/reject"))
+    return method == "DELETE" and path.startswith("/ops/freeze/")
+
+
 class OpsKeeperService:
     """The ops-keeper as one unit the platform supervisor (or a test) starts and stops.
 
@@ -112,7 +119,7 @@ class OpsKeeperService:
         )
         install_error_handlers(app)
         app.include_router(build_router(self.service, self.metrics, self.guard, time.monotonic()))
-        install_mutation_audit(app, self.guard, self.name)
+        install_mutation_audit(app, self.guard, self.name, self_audited=_decision_route)
         app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
         return app
 

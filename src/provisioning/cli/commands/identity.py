@@ -335,9 +335,24 @@ def audit_verify(
         Path | None,
         typer.Option(help="With --repo: the mirror's checkpoint file (outside the repository)."),
     ] = None,
+    mirror: Annotated[
+        bool,
+        typer.Option(
+            "--mirror",
+            help="Verify this data dir's audit-mirror repository (audit_mirror.repo, with the "
+            "allowed signers and checkpoint of audit_mirror.state_dir).",
+        ),
+    ] = False,
 ) -> None:
     """Check the control center's hash chain (exit 1 when a record was edited, deleted or
-    reordered), or with --repo an audit-mirror repository."""
+    reordered), or an audit-mirror repository: --mirror for the platform's own, --repo for
+    any (e.g. a pushed copy, with the trust files kept apart from it)."""
+    if mirror and repo is None:
+        from provisioning.audit_mirror.app import mirror_paths
+
+        repo, state_dir = mirror_paths(state_of(ctx).settings())
+        allowed_signers = allowed_signers or state_dir / "allowed_signers"
+        checkpoint = checkpoint or state_dir / "checkpoint.json"
     if repo is not None:
         from provisioning.cli.commands.audit_mirror_cli import verify_repo_command
 
