@@ -17,8 +17,15 @@ _SECRET_HINTS = ("password", "secret", "token", "api_key", "apikey", "authorizat
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+#: Settings about secrets, not secrets: durations and counts (``token_ttl_s``).
+_NOT_SECRET_SUFFIXES = ("_ttl_s", "_s", "_count", "_at")
+
+
 def _mask(key: str, value: Any) -> Any:
-    if any(h in key.lower() for h in _SECRET_HINTS):
+    lowered = key.lower()
+    if any(h in lowered for h in _SECRET_HINTS) and not (
+        lowered.endswith(_NOT_SECRET_SUFFIXES) and isinstance(value, int | float)
+    ):
         return "***"
     return value
 
