@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from provisioning import __version__
 from provisioning.audit_mirror.mirror import ALREADY_MIRRORED, GitMirror, check_event
 from provisioning.core.bus import Bus, Delivery
+from provisioning.core.bus.link import BusLink
 from provisioning.core.errors import ProvisioningError
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import Settings
@@ -66,8 +67,9 @@ class AuditMirrorService:
         self.settings = settings
         repo, state_dir = mirror_paths(settings)
         self.mirror = GitMirror(repo, state_dir, remotes=settings.audit_mirror.remotes)
-        self._own_bus = bus is None
-        self.bus: Bus | None = bus
+        self.link = BusLink(
+            settings, name="prvng-audit-mirror", bus=bus, retry_interval_s=retry_interval_s
+        )
         self.retry_interval_s = retry_interval_s
         self.publish_retry_s = publish_retry_s
         self.committed = 0
@@ -76,7 +78,7 @@ class AuditMirrorService:
         self.failures = 0
         self.batches = 0
         self.last_commit_at: float | None = None
-        self.last_error: str | None = None
+        self.error: str | None = None
         self.publish_state: dict[str, dict[str, Any]] = {}
         self._publish_due = False
         self._last_publish = 0.0
@@ -96,8 +98,11 @@ class AuditMirrorService:
 
     @property
     def connected(self) -> bool:
-        nc = getattr(self.bus, "nc", None)
-        return self.bus is not None and (nc is None or bool(getattr(nc, "is_connected", True)))
+        return self.link.connected
+
+    @property
+    def last_error(self) -> str | None:
+        return self.error or self.link.last_error
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(
@@ -153,41 +158,29 @@ class AuditMirrorService:
         self._publish_due = bool(self.mirror.remotes)
         self._task = asyncio.create_task(self._run(), name="audit-mirror")
 
-    async def _connect(self) -> Bus:
-        from provisioning.core.bus.nats import connect_bus
-
-        return await connect_bus(self.settings, name="prvng-audit-mirror", timeout_s=2.0)
-
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _run(self) -> None:
-        while self.bus is None and not self._stop.is_set():
-            try:
-                self.bus = await self._connect()
-                self.last_error = None
-            except Exception as exc:
-                self.last_error = f"NATS: {exc}"
-                log.warning("NATS not reachable; retrying", extra={"error": str(exc)})
-                await self._wait(self.retry_interval_s)
+        if not await self.link.wait_connected(self._stop):
+            return
         backoff = self.retry_interval_s
         consumer = None
         while not self._stop.is_set():
             try:
                 if consumer is None:
-                    assert self.bus is not None
-                    consumer = await self.bus.consumer("OPS_AUDIT", "audit-mirror")
+                    consumer = await self.link.consumer("OPS_AUDIT", "audit-mirror")
                 deliveries = await consumer.fetch(self.settings.audit_mirror.batch, timeout_s=1.0)
                 if deliveries:
                     await self.handle(deliveries)
                 await self._maybe_publish()
-                backoff = self.retry_interval_s
+                backoff, self.error = self.retry_interval_s, None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS, git or the disk: unacked events come back
                 self.failures += 1
-                self.last_error = str(exc)[:500]
+                self.error = str(exc)[:500]
                 log.warning("audit-mirror batch failed; retrying", extra={"error": str(exc)})
                 await self._wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -255,9 +248,7 @@ class AuditMirrorService:
                     await self._task
             self._task = None
         await asyncio.to_thread(self.mirror.close)
-        if self._own_bus and self.bus is not None:
-            bus, self.bus = self.bus, None
-            await bus.close()
+        await self.link.close()
 
 
 class _Metrics:

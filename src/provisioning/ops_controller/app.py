@@ -21,7 +21,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from provisioning import __version__
-from provisioning.core.bus import Bus, Consumer, Published
+from provisioning.core.bus import Bus
+from provisioning.core.bus.link import BusLink
 from provisioning.core.logging import get_logger
 from provisioning.core.ops_token import ops_verifier
 from provisioning.core.settings import Settings
@@ -85,20 +86,21 @@ class OpsControllerService:
             settings.orchestrator_url, api_key=c.api_key, transport=transport
         )
         self._lookup: Lookup = lookup or self.dispatcher.lookup
-        self._own_bus = bus is None
-        self.bus: Bus | None = bus
+        self.link = BusLink(
+            settings, name="prvng-ops-controller", bus=bus, retry_interval_s=retry_interval_s
+        )
         self.controller = OpsController(
             ops_verifier(settings),
             self.store,
             self.dispatcher,
-            _LateBus(self),
+            self.link,
             max_deliver=settings.nats.max_deliver,
             max_delay_s=c.max_delay_s,
             heartbeat_s=c.heartbeat_s,
         )
         self.retry_interval_s = retry_interval_s
         self.reconciled: int | None = None
-        self.last_error: str | None = None
+        self.error: str | None = None
         self._started = time.monotonic()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -115,8 +117,11 @@ class OpsControllerService:
 
     @property
     def connected(self) -> bool:
-        nc = getattr(self.bus, "nc", None)
-        return self.bus is not None and (nc is None or bool(getattr(nc, "is_connected", True)))
+        return self.link.connected
+
+    @property
+    def last_error(self) -> str | None:
+        return self.error or self.link.last_error
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(
@@ -160,29 +165,15 @@ class OpsControllerService:
         self._started = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="ops-controller")
 
-    async def _connect(self) -> Bus:
-        from provisioning.core.bus.nats import connect_bus
-
-        return await connect_bus(self.settings, name="prvng-ops-controller", timeout_s=2.0)
-
     async def _run(self) -> None:
-        while self.bus is None and not self._stop.is_set():
-            try:
-                self.bus = await self._connect()
-                self.last_error = None
-            except Exception as exc:
-                self.last_error = f"NATS: {exc}"
-                log.warning("NATS not reachable; retrying", extra={"error": str(exc)})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.retry_interval_s)
-        if self._stop.is_set():
+        if not await self.link.wait_connected(self._stop):
             return
         try:
             self.reconciled = await self.controller.reconcile(self._lookup)
             if self.reconciled:
                 log.info("settled ops left dispatched", extra={"count": self.reconciled})
         except Exception as exc:  # the redelivered messages settle them instead
-            self.last_error = f"reconcile: {exc}"
+            self.error = f"reconcile: {exc}"
             log.warning("reconciliation failed", extra={"error": str(exc)})
         backoff = self.retry_interval_s
         while not self._stop.is_set():
@@ -191,7 +182,7 @@ class OpsControllerService:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # e.g. the consumer could not be bound yet
-                self.last_error = str(exc)
+                self.error = str(exc)
                 log.warning("controller loop stopped; restarting", extra={"error": str(exc)})
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), backoff)
@@ -209,42 +200,7 @@ class OpsControllerService:
             self._task = None
         await self.dispatcher.close()
         await self.store.close()
-        if self._own_bus and self.bus is not None:
-            bus, self.bus = self.bus, None
-            await bus.close()
-
-
-class _LateBus:
-    """The service's bus once connected (the controller is built before NATS is up)."""
-
-    def __init__(self, service: OpsControllerService) -> None:
-        self._service = service
-
-    def _bus(self) -> Bus:
-        if self._service.bus is None:
-            from provisioning.core.errors import Unreachable
-
-            raise Unreachable("the ops-controller is not connected to NATS yet")
-        return self._service.bus
-
-    async def ensure(self) -> None:
-        await self._bus().ensure()
-
-    async def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        *,
-        msg_id: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Published:
-        return await self._bus().publish(subject, payload, msg_id=msg_id, headers=headers)
-
-    async def consumer(self, stream: str, durable: str) -> Consumer:
-        return await self._bus().consumer(stream, durable)
-
-    async def close(self) -> None:
-        return None
+        await self.link.close()
 
 
 class _Metrics:
