@@ -25,12 +25,13 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from provisioning.core.bus import Bus, Delivery
+from provisioning.core.errors import InvalidState
 from provisioning.core.logging import get_logger
 from provisioning.core.ops_token import OpRejected, VerifiedOp, verify_op
 from provisioning.core.signing import TokenVerifier
@@ -112,6 +113,7 @@ class OpsController:
     heartbeat_s: float = 10.0
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     counts: dict[str, int] = field(default_factory=dict)
+    _locks: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     def _count(self, outcome: Outcome) -> Outcome:
         name = type(outcome).__name__.lower()
@@ -138,10 +140,31 @@ class OpsController:
                 "ops.audit.rejected", json.dumps(event).encode(), msg_id=f"rejected-{digest}"
             )
             return self._count(Term(f"{exc.reason}: {exc.message}"))
+        async with self._jti_lock(op.jti):
+            return await self._claim_and_dispatch(delivery, op)
+
+    @contextlib.asynccontextmanager
+    async def _jti_lock(self, jti: str) -> AsyncIterator[None]:
+        """One delivery of a jti at a time in this process (a batch is handled concurrently
+        and may carry the same op twice); other processes are kept apart by the store."""
+        entry = self._locks.setdefault(jti, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[jti]
+
+    async def _claim_and_dispatch(self, delivery: Delivery, op: VerifiedOp) -> Outcome:
         record, _new = await self.store.claim(op.jti, op.op_type, now=self.clock())
         if record.terminal:
             return self._count(Ack(f"duplicate of {op.jti} ({record.state})"))
-        await self.store.mark_dispatched(op.jti, now=self.clock())
+        try:
+            await self.store.mark_dispatched(op.jti, now=self.clock())
+        except InvalidState:  # another controller ended it between the claim and now
+            return self._count(Ack(f"duplicate of {op.jti} (ended by another controller)"))
         try:
             made = await self._with_heartbeat(delivery, self.dispatcher.dispatch(op))
         except DispatchFailed as exc:
@@ -231,13 +254,24 @@ class OpsController:
             settled += 1
         return settled
 
+    async def process(self, delivery: Delivery) -> None:
+        """Decide and answer one delivery; a failure leaves it unanswered (it comes back)."""
+        try:
+            await self.answer(delivery, await self.handle(delivery))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("op not decided; it will be redelivered")
+
     async def run(self, stop: asyncio.Event, *, batch: int = 16) -> None:
-        """Consume until ``stop`` is set: fetch, decide, answer; relay the outbox between."""
+        """Consume until ``stop`` is set: fetch, decide and answer the fetched messages
+        concurrently (each dispatch mostly waits on the orchestrator and the store), relay the
+        outbox between fetches."""
         consumer = await self.bus.consumer("OPS_PENDING", "ops-controller")
         while not stop.is_set():
             try:
-                for d in await consumer.fetch(batch, timeout_s=1.0):
-                    await self.answer(d, await self.handle(d))
+                deliveries = await consumer.fetch(batch, timeout_s=1.0)
+                await asyncio.gather(*(self.process(d) for d in deliveries))
                 await self.relay_outbox()
             except asyncio.CancelledError:
                 raise
