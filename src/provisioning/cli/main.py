@@ -16,7 +16,6 @@ from rich.text import Text
 
 from provisioning import __version__
 from provisioning.cli.commands import (
-    config,
     domain,
     identity,
     ops,
@@ -62,7 +61,6 @@ app.add_typer(identity.keys_app, name="apikey")
 app.add_typer(identity.audit_app, name="audit")
 app.add_typer(identity.signing_app, name="keys")
 app.add_typer(identity.mfa_app, name="mfa")
-app.add_typer(config.app, name="config")
 
 
 def _version(value: bool) -> None:

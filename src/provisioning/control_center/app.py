@@ -10,11 +10,8 @@ from fastapi import FastAPI, Request
 from provisioning import __version__
 from provisioning.control_center.audit_consumer import AuditConsumer
 from provisioning.control_center.audit_log import AuditEvent
-from provisioning.control_center.config_routes import config_router
-from provisioning.control_center.monitoring import SystemMonitor
 from provisioning.control_center.routes import build_router
 from provisioning.control_center.service import IdentityService
-from provisioning.control_center.system_routes import build_system_router
 from provisioning.core.audit_relay import audit_event
 from provisioning.core.auth import Authenticator, Guard, Identity
 from provisioning.core.bus import Bus
@@ -90,9 +87,6 @@ class ControlCenterService:
         )
         install_error_handlers(app)
         app.include_router(build_router(self.identity, self.guard, time.monotonic()))
-        self.monitor = SystemMonitor(self.settings, db=self.db, bus=self.bus)
-        app.include_router(build_system_router(self.monitor, self.guard))
-        app.include_router(config_router(self.db, self.settings.control_center, self.guard))
         app.add_middleware(BodyLimitMiddleware, max_bytes=1024 * 1024)
         return app
 

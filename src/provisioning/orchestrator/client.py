@@ -6,13 +6,13 @@ back as the same typed errors the server raised; a connection failure is :class:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
 
 from provisioning.core.errors import ProvisioningError, Unreachable, error_from_wire
-from provisioning.core.sse import iter_events
 from provisioning.orchestrator.api import WorkflowSpec
 
 __all__ = ["OrchestratorClient"]
@@ -136,8 +136,18 @@ class OrchestratorClient:
                 if resp.status_code >= 400:
                     await resp.aread()
                     _unwrap(resp)
-                async for ev in iter_events(resp.aiter_lines()):
-                    yield ev.event, ev.id or "", ev.json()
+                event, ident, data = "message", "", ""
+                async for line in resp.aiter_lines():
+                    if line == "":
+                        if data:
+                            yield event, ident, json.loads(data)
+                        event, ident, data = "message", "", ""
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("id:"):
+                        ident = line[3:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
         except httpx.TransportError as exc:
             raise Unreachable(
                 f"orchestrator at {self.base_url} is not reachable ({exc.__class__.__name__})"
