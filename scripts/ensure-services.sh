@@ -28,8 +28,9 @@ if ! pg_ready; then
 fi
 pg_ready || { echo "ensure-services: PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
 
-# Programs the provisioning-domain tests run on `local` servers (task services) and the sshd the
-# `ssh` provider tests start on a loopback port. Installed from Debian's packages when missing.
+# Programs the provisioning-domain tests run on `local` servers (task services), the sshd the
+# `ssh` provider tests start on a loopback port, and the browser of the UI tests. Installed
+# from Debian's packages when missing.
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
@@ -38,6 +39,13 @@ command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+# Debian's Chromium, driven headless by the web UI's Playwright tests (tests/browser/).
+[ -x /usr/bin/chromium ] || need+=(chromium)
+# Validators of the deployment artifacts (tests/deploy/): systemd-analyze, promtool (Debian's
+# prometheus package), named-checkzone.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v named-checkzone >/dev/null 2>&1 || need+=(bind9-utils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "ensure-services: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

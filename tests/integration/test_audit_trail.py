@@ -43,6 +43,8 @@ NOT_MUTATIONS = {
     ("control-center", "POST", "/authz/check"),
     # Records other services' events: what it writes is the audit (tests/e2e/test_standalone_*).
     ("control-center", "POST", "/audit/ingest"),
+    # Says whether a change of a workspace file would be valid; writes nothing.
+    ("control-center", "POST", "/config/workspaces/{ws}/validate"),
 }
 SLEEPER = {"name": "sleeper", "tasks": [{"name": "wait", "command": ["sleep", "60"]}]}
 QUICK = {"name": "quick", "tasks": [{"name": "a", "action": "noop"}]}
@@ -103,7 +105,11 @@ async def platform(tmp_path: Path, state_url: str) -> AsyncIterator[Platform]:
         overrides={
             "state": {"url": state_url, "sqlite_synchronous": "NORMAL"},
             "orchestrator": {"poll_interval_s": 0.05, "kill_grace_s": 1.0, "port": free_port()},
-            "control_center": {"admin_password": ADMIN_PASSWORD, "port": free_port()},
+            "control_center": {
+                "admin_password": ADMIN_PASSWORD,
+                "port": free_port(),
+                "workspaces": [str(tmp_path / "ws")],  # the test's fake workspace
+            },
         },
     )
     cc, services = build_services(settings)
@@ -136,8 +142,8 @@ def mutating_routes(service: str, app: FastAPI) -> set[tuple[str, str, str]]:
                 walk(included.routes)
                 continue
             for method in getattr(route, "methods", None) or ():
-                if method in MUTATING:
-                    found.add((service, method, route.path))
+                if method in MUTATING:  # as OpenAPI writes it: `{path}` for `{path:path}`
+                    found.add((service, method, route.path.replace(":path}", "}")))
 
     walk(app.routes)
     documented = {
@@ -245,6 +251,20 @@ async def test_every_mutating_route_of_both_services_leaves_an_audit_record(
 
         return call
 
+    config_file = "/config/workspaces/ws/files/infra/prod/settings.ncl"
+
+    def config_sha() -> str:
+        return hashlib.sha256((ws / "infra/prod/settings.ncl").read_bytes()).hexdigest()
+
+    async def config_write(p: Platform, ctx: dict[str, Any]) -> httpx.Response:
+        content = (ws / "infra/prod/settings.ncl").read_text(encoding="utf-8") + "# audited\n"
+        body = {"content": content, "expected_sha256": config_sha(), "message": "audit"}
+        return await p.http.put(config_file, headers=admin, json=body)
+
+    async def config_restore(p: Platform, ctx: dict[str, Any]) -> httpx.Response:
+        body = {"version": 0, "expected_sha256": config_sha()}
+        return await p.http.post(f"{config_file}/restore", headers=admin, json=body)
+
     async def ops_dispatch(p: Platform, ctx: dict[str, Any]) -> httpx.Response:
         ring = KeyRing(p.orchestrator.settings.home / "keys" / "ops-keeper")
         ring.load_or_create()
@@ -271,6 +291,11 @@ async def test_every_mutating_route_of_both_services_leaves_an_audit_record(
         (cc, "POST", "/apikeys"): (create_key, "apikey:create"),
         (cc, "DELETE", "/apikeys/{key_id}"): (revoke_key, "apikey:revoke"),
         (cc, "POST", "/keys/rotate"): (rotate, "keys:rotate"),
+        (cc, "PUT", "/config/workspaces/{ws}/files/{path}"): (config_write, "config:write"),
+        (cc, "POST", "/config/workspaces/{ws}/files/{path}/restore"): (
+            config_restore,
+            "config:restore",
+        ),
         (orch, "POST", "/workflows"): (submit, "workflow:create"),
         (orch, "POST", "/workflows/{workflow_id}/pause"): (control("pause"), "workflow:control"),
         (orch, "POST", "/workflows/{workflow_id}/resume"): (

@@ -97,3 +97,32 @@ async def test_ops_audit_events_join_the_log_once_each(
     await asyncio.sleep(2.5)  # past ack_wait: nothing comes back to be recorded twice
     assert len(await cc.identity.audit_query(service="ops-controller", limit=1000)) == 21
     assert (await cc.identity.audit_verify()).ok
+
+
+async def test_a_standalone_control_center_with_nats_url_consumes_once_nats_is_up(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    settings = load_settings(
+        home=tmp_path / "home",
+        env={},
+        overrides={
+            "nats": {"port": port, "url": f"nats://127.0.0.1:{port}"},
+            "control_center": {"admin_password": "consumer admin pass", "port": free_port()},
+        },
+    )
+    cc = ControlCenterService(settings)  # no bus handed in: `prvng serve control-center`
+    await cc.start()  # NATS is not up yet: the control center starts anyway
+    server = EmbeddedNats(settings)
+    try:
+        await server.start()
+        bus = await NatsBus(settings.nats_servers, ack_wait_s=2).connect()
+        try:
+            await bus.ensure()
+            await bus.publish("ops.audit.completed", json.dumps(event(1)).encode(), msg_id="e1")
+            assert [r["object_id"] for r in await records(cc, 1)] == ["op-1"]
+        finally:
+            await bus.close()
+    finally:
+        await cc.stop()
+        await server.stop()

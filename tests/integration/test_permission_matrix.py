@@ -40,6 +40,7 @@ on spare objects, key rotation, and logout at the very end). Every mismatch is l
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -99,13 +100,23 @@ OPEN_ROUTES: frozenset[tuple[str, str]] = frozenset(
     | {(ORCH, path) for path in _ORCH_OPEN}
 )
 
+#: Served by an app of its own with its own authentication, tested on its own: the web UI
+#: (session cookie, CSRF, headers: tests/integration/test_ui_security.py) and `/`, which
+#: redirects to it. Neither accepts the credentials of the JSON API.
+SEPARATELY_TESTED: frozenset[tuple[str, str]] = frozenset({(CC, "/ui"), (CC, "/")})
+
 #: Path parameter → the kind of object it names.
 OBJECT_PARAMS = {
     "workflow_id": "workflow",
     "task_id": "task",
     "user_id": "user",
     "key_id": "apikey",
+    "ws": "workspace",  # the configuration API's workspace (tests/fake_workspace.py, id "ws")
 }
+
+#: Path parameters naming a part of the object (a file of the workspace, a version of it): the
+#: object is the other parameter's, these get a fixed value.
+FIXED_PARAMS = {"path": "infra/prod/settings.ncl", "n": "0"}
 
 #: Routes that spend what they act on run last, in this order; the rest run first (rank 0).
 RANKS = {
@@ -126,6 +137,10 @@ def _workflow_body(world: World) -> dict[str, Any]:
 
 def _user_body(world: World) -> dict[str, Any]:
     return {"username": f"matrix-{next(_serial)}", "password": PASSWORD, "roles": ["viewer"]}
+
+
+def _config_file(world: World) -> Path:
+    return Path(world.domain["workspace"]) / FIXED_PARAMS["path"]
 
 
 def _mfa_code(world: World) -> dict[str, Any]:
@@ -150,6 +165,17 @@ BODIES: dict[tuple[str, str], Callable[[World], Any]] = {
     ("POST", "/workflows/cluster/create"): lambda w: {**w.domain, "cluster": "dbs"},
     ("POST", "/workflows/cluster/delete"): lambda w: {**w.domain, "cluster": "dbs"},
     ("POST", "/workflows/batch"): lambda w: {**w.domain, "workflow": "all"},
+    # The file as it is: a write or a restore that changes nothing, yet is authorized and done.
+    ("POST", "/config/workspaces/{ws}/validate"): lambda w: {},
+    ("PUT", "/config/workspaces/{ws}/files/{path:path}"): lambda w: {
+        "content": _config_file(w).read_text(encoding="utf-8"),
+        "expected_sha256": hashlib.sha256(_config_file(w).read_bytes()).hexdigest(),
+        "message": "matrix",
+    },
+    ("POST", "/config/workspaces/{ws}/files/{path:path}/restore"): lambda w: {
+        "version": 0,
+        "expected_sha256": hashlib.sha256(_config_file(w).read_bytes()).hexdigest(),
+    },
     ("POST", "/audit/ingest"): lambda w: {
         "events": [
             {
@@ -216,13 +242,15 @@ def live_routes(apps: dict[str, FastAPI]) -> tuple[list[Route], list[str]]:
             if (service, path) in OPEN_ROUTES:
                 seen_open.add((service, path))
                 continue
+            if (service, path) in SEPARATELY_TESTED:
+                continue
             original = getattr(raw, "original_route", raw)
             if not isinstance(original, APIRoute):
                 problems.append(f"{service} {methods} {path}: not an API route and not open")
                 continue
             dependant: Dependant = raw.dependant
             declared = sorted(set(_guard_dependencies(dependant)))
-            params = sorted(raw.param_convertors)
+            params = sorted(p for p in raw.param_convertors if p not in FIXED_PARAMS)
             for method in methods:
                 where = f"{service} {method} {path}"
                 if len(declared) != 1 or declared[0].startswith("<unknown"):
@@ -287,7 +315,11 @@ async def platform(tmp_path: Path) -> AsyncIterator[World]:
         overrides={
             "state": {"url": f"sqlite:///{tmp_path / 'state.db'}", "sqlite_synchronous": "NORMAL"},
             "orchestrator": {"poll_interval_s": 0.05, "lease_s": 3.0, "port": free_port()},
-            "control_center": {"admin_password": ADMIN_PASSWORD, "port": free_port()},
+            "control_center": {
+                "admin_password": ADMIN_PASSWORD,
+                "port": free_port(),
+                "workspaces": [str(tmp_path / "ws")],
+            },
         },
     )
     cc, services = build_services(settings)
@@ -439,6 +471,8 @@ def target(world: World, caller: Caller, kind: str, case: str) -> tuple[str, Res
     if kind == "task":
         task_id, wf_id, owner = world.tasks[case]
         return task_id, Resource("Workflow", wf_id, owner=owner)
+    if kind == "workspace":  # nobody owns one: "own" and "other" are the managed workspace
+        return "ws", Resource("Workspace", "ws")
     name = caller.acts_for if case == "own" else "bystander"
     if kind == "user":
         return world.uid(name), Resource("User", world.uid(name))
@@ -504,6 +538,8 @@ async def test_each_route_answers_the_caller_as_the_policy_set_decides(
             if route.param:
                 value, obj = target(world, caller, OBJECT_PARAMS[route.param], probe.case)
                 path = path.replace(f"{{{route.param}}}", value)
+            for name, fixed in FIXED_PARAMS.items():
+                path = path.replace(f"{{{name}:path}}", fixed).replace(f"{{{name}}}", fixed)
             body = BODIES[(route.method, route.path)](world) if route.has_body else None
             resp = await world.call(route.service, route.method, path, caller.credential, body)
             if route.path == "/auth/mfa/enroll" and resp.status_code == 200:

@@ -16,12 +16,15 @@ from rich.text import Text
 
 from provisioning import __version__
 from provisioning.cli.commands import (
+    config,
+    dns,
     domain,
     identity,
     ops,
     platform,
     provision,
     serve,
+    system,
     task,
     workflow,
 )
@@ -52,6 +55,7 @@ app.add_typer(provision.taskserv_app, name="taskserv")
 app.add_typer(provision.cluster_app, name="cluster")
 app.add_typer(provision.batch_app, name="batch")
 app.add_typer(ops.app, name="ops")
+app.add_typer(system.app, name="system")
 app.command("login")(identity.login)
 app.command("logout")(identity.logout)
 app.command("whoami")(identity.whoami)
@@ -61,6 +65,8 @@ app.add_typer(identity.keys_app, name="apikey")
 app.add_typer(identity.audit_app, name="audit")
 app.add_typer(identity.signing_app, name="keys")
 app.add_typer(identity.mfa_app, name="mfa")
+app.add_typer(config.app, name="config")
+app.add_typer(dns.app, name="dns")
 
 
 def _version(value: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -10,11 +11,18 @@ from fastapi import FastAPI, Request
 from provisioning import __version__
 from provisioning.control_center.audit_consumer import AuditConsumer
 from provisioning.control_center.audit_log import AuditEvent
+from provisioning.control_center.config_files import parse_workspaces
+from provisioning.control_center.config_routes import build_config_router
+from provisioning.control_center.monitoring import SystemMonitor
 from provisioning.control_center.routes import build_router
 from provisioning.control_center.service import IdentityService
+from provisioning.control_center.system_routes import build_system_router
+from provisioning.control_center.ui import mount_ui
+from provisioning.control_center.workspace_config import WorkspaceConfig
 from provisioning.core.audit_relay import audit_event
 from provisioning.core.auth import Authenticator, Guard, Identity
 from provisioning.core.bus import Bus
+from provisioning.core.bus.link import BusLink
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
 from provisioning.core.signing import KeyRing, StaticJwks, TokenVerifier
@@ -37,7 +45,14 @@ class ControlCenterService:
         self, settings: Settings, *, db: Database | None = None, bus: Bus | None = None
     ) -> None:
         self.settings = settings
-        self.bus = bus  # given: ops.audit.> events join the audit log (AuditConsumer)
+        # Given (the embedded platform) or, standalone with `nats.url`, its own link: ops.audit.>
+        # events join the audit log (AuditConsumer) and /system/status shows the streams.
+        self._link: BusLink | None = None
+        if bus is None and settings.nats.url.strip():
+            bus = self._link = BusLink(settings, name="prvng-control-center")
+        self.bus = bus
+        self._link_stop = asyncio.Event()
+        self._link_task: asyncio.Task[bool] | None = None
         self.audit_consumer: AuditConsumer | None = None
         self._own_db = db is None
         self.db: Database = db or open_database(
@@ -87,6 +102,13 @@ class ControlCenterService:
         )
         install_error_handlers(app)
         app.include_router(build_router(self.identity, self.guard, time.monotonic()))
+        self.monitor = SystemMonitor(self.settings, db=self.db, bus=self.bus)
+        app.include_router(build_system_router(self.monitor, self.guard))
+        workspaces = parse_workspaces(self.settings.control_center.workspaces)
+        self.config = WorkspaceConfig(self.db, workspaces)  # shared by the API and the UI
+        app.include_router(build_config_router(self.config, self.guard))
+        self.ui = mount_ui(app, self.settings, self.identity, self.guard, monitor=self.monitor)
+        self.ui.config = self.config
         app.add_middleware(BodyLimitMiddleware, max_bytes=1024 * 1024)
         return app
 
@@ -97,6 +119,9 @@ class ControlCenterService:
         self.admin_password = await self.identity.bootstrap_admin(
             self.settings.control_center.admin_password
         )
+        if self._link is not None:  # connects in the background; the consumer retries meanwhile
+            self._link_stop.clear()
+            self._link_task = asyncio.create_task(self._link.wait_connected(self._link_stop))
         if self.bus is not None:
             self.audit_consumer = AuditConsumer(self.bus, self.identity)
             self.audit_consumer.start()
@@ -104,5 +129,10 @@ class ControlCenterService:
     async def stop(self) -> None:
         if self.audit_consumer is not None:
             await self.audit_consumer.stop()
+        if self._link is not None:
+            self._link_stop.set()
+            if self._link_task is not None:
+                await self._link_task
+            await self._link.close()
         if self._own_db:
             await self.db.close()

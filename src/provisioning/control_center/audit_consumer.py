@@ -62,10 +62,12 @@ class AuditConsumer:
                 await d.ack()
 
     async def _run(self) -> None:
-        consumer = await self.bus.consumer("OPS_AUDIT", "control-center")
+        consumer = None
         backoff = 0.5
         while True:
             try:
+                if consumer is None:  # a bus still connecting answers Unreachable: retried
+                    consumer = await self.bus.consumer("OPS_AUDIT", "control-center")
                 deliveries = await consumer.fetch(self.batch, timeout_s=1.0)
                 if deliveries:
                     await self.handle(deliveries)

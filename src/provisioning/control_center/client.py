@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from provisioning.core.errors import ProvisioningError, Unreachable, error_from_wire
+from provisioning.core.sse import ServerEvent, iter_events
 
 __all__ = ["ControlCenterClient"]
 
@@ -84,3 +86,111 @@ class ControlCenterClient:
 
     async def delete(self, path: str) -> Any:
         return await self.call("DELETE", path)
+
+    async def put(self, path: str, body: Mapping[str, Any]) -> Any:
+        return await self.call("PUT", path, json=dict(body))
+
+    # ------------------------------------------------------------------ configuration
+
+    @staticmethod
+    def _config_file(ws: str, path: str, suffix: str = "") -> str:
+        return f"/config/workspaces/{quote(ws, safe='')}/files/{quote(path, safe='/')}{suffix}"
+
+    async def config_workspaces(self) -> Any:
+        """The workspaces whose configuration the control center manages."""
+        return await self.get("/config/workspaces")
+
+    async def config_files(self, ws: str) -> Any:
+        """The Nickel files of workspace ``ws`` (path, size, sha256, mtime, version)."""
+        return await self.get(f"/config/workspaces/{quote(ws, safe='')}/files")
+
+    async def config_read(self, ws: str, path: str) -> Any:
+        """A file's content, sha256 and current version."""
+        return await self.get(self._config_file(ws, path))
+
+    async def config_validate(
+        self, ws: str, path: str | None = None, content: str | None = None
+    ) -> Any:
+        """Diagnostics of the workspace with ``path`` holding ``content`` (nothing written)."""
+        body = {"path": path, "content": content} if path is not None else {}
+        return await self.post(f"/config/workspaces/{quote(ws, safe='')}/validate", body)
+
+    async def config_write(
+        self, ws: str, path: str, content: str, *, expected_sha256: str | None, message: str
+    ) -> Any:
+        """Validate and write a file; ``expected_sha256`` None creates it.
+
+        Raises:
+            ValidationError: the content brings problems (``details["diagnostics"]``).
+            Conflict: the file changed since it was read (both hashes in ``details``).
+        """
+        body = {"content": content, "expected_sha256": expected_sha256, "message": message}
+        return await self.put(self._config_file(ws, path), body)
+
+    async def config_history(self, ws: str, path: str) -> Any:
+        return await self.get(self._config_file(ws, path, "/history"))
+
+    async def config_version(self, ws: str, path: str, version: int) -> Any:
+        return await self.get(self._config_file(ws, path, f"/versions/{int(version)}"))
+
+    async def config_diff(
+        self, ws: str, path: str, start: int | None = None, end: int | None = None
+    ) -> Any:
+        """Unified diff from version ``start`` (default: the one before ``end``) to ``end``
+        (default: current)."""
+        return await self.get(self._config_file(ws, path, "/diff"), {"from": start, "to": end})
+
+    async def config_restore(
+        self,
+        ws: str,
+        path: str,
+        version: int,
+        *,
+        expected_sha256: str | None,
+        message: str = "",
+    ) -> Any:
+        """Write version ``version`` back as a new version (same checks as a write)."""
+        body = {"version": version, "expected_sha256": expected_sha256, "message": message}
+        return await self.post(self._config_file(ws, path, "/restore"), body)
+
+    async def system_status(self) -> dict[str, Any]:
+        """The monitoring document of ``GET /system/status``."""
+        return dict(await self.call("GET", "/system/status"))
+
+    async def system_events(
+        self, *, interval_s: float | None = None, last_event_id: str | None = None
+    ) -> AsyncIterator[ServerEvent]:
+        """Follow ``GET /system/events`` until the server ends it (or the caller stops).
+
+        Raises:
+            Unreachable: the control center is not reachable (or has too many streams open).
+            Unauthorized: the credentials are not valid or may not ``system:read``.
+        """
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        params = {"interval": interval_s} if interval_s is not None else {}
+        try:
+            async with self._http.stream(
+                "GET",
+                "/system/events",
+                params=params,
+                headers=headers,
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    try:
+                        doc = resp.json()
+                    except ValueError:
+                        doc = None
+                    err = doc.get("error") if isinstance(doc, dict) else None
+                    if isinstance(err, dict):
+                        raise error_from_wire(err, resp.status_code)
+                    raise ProvisioningError(f"HTTP {resp.status_code} from {resp.request.url}")
+                async for event in iter_events(resp.aiter_lines()):
+                    yield event
+        except httpx.TransportError as exc:
+            raise Unreachable(
+                f"control center at {self.base_url} is not reachable ({exc.__class__.__name__})"
+            ) from None

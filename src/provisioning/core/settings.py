@@ -172,6 +172,11 @@ class ControlCenterSettings(_Section):
         description="Users holding one of these roles must use TOTP; until they enrol, their "
         "login may do nothing but enrol.",
     )
+    workspaces: list[str] = Field(
+        default_factory=list,
+        description="Workspace folders whose Nickel files the control center manages (`/config` "
+        "API): absolute paths, each `name=/path` or just `/path` (its id is the folder's name).",
+    )
 
 
 class OpsKeeperSettings(_Section):

@@ -6,13 +6,13 @@ back as the same typed errors the server raised; a connection failure is :class:
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
 
 from provisioning.core.errors import ProvisioningError, Unreachable, error_from_wire
+from provisioning.core.sse import iter_events
 from provisioning.orchestrator.api import WorkflowSpec
 
 __all__ = ["OrchestratorClient"]
@@ -119,6 +119,19 @@ class OrchestratorClient:
         )
         return list(data["lines"])
 
+    async def task_log_text(self, task_id: str) -> str:
+        """The task's log as plain text (``[attempt:n] stream: line``), as downloaded."""
+        await self._authorize()
+        try:
+            resp = await self._http.get(f"/tasks/{task_id}/logs", params={"format": "text"})
+        except httpx.TransportError as exc:
+            raise Unreachable(
+                f"orchestrator at {self.base_url} is not reachable ({exc.__class__.__name__})"
+            ) from None
+        if not resp.is_success:
+            _unwrap(resp)
+        return resp.text
+
     async def follow_logs(
         self, task_id: str, last_event_id: str | None = None
     ) -> AsyncIterator[tuple[str, str, dict[str, Any]]]:
@@ -136,18 +149,8 @@ class OrchestratorClient:
                 if resp.status_code >= 400:
                     await resp.aread()
                     _unwrap(resp)
-                event, ident, data = "message", "", ""
-                async for line in resp.aiter_lines():
-                    if line == "":
-                        if data:
-                            yield event, ident, json.loads(data)
-                        event, ident, data = "message", "", ""
-                    elif line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("id:"):
-                        ident = line[3:].strip()
-                    elif line.startswith("data:"):
-                        data += line[5:].strip()
+                async for ev in iter_events(resp.aiter_lines()):
+                    yield ev.event, ev.id or "", ev.json()
         except httpx.TransportError as exc:
             raise Unreachable(
                 f"orchestrator at {self.base_url} is not reachable ({exc.__class__.__name__})"

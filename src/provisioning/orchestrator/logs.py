@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioning.core.errors import ValidationError
+from provisioning.core.sse import comment, format_event
 
 __all__ = ["LogCursor", "follow_log", "parse_position", "read_lines"]
 
@@ -115,16 +116,14 @@ async def follow_log(
         current = await status()
         for doc in cursor.read_new(await files()):
             last_sent = loop.time()
-            ident = f"{doc['attempt']}:{doc['n']}"
-            yield f"id: {ident}\nevent: log\ndata: {json.dumps(doc, ensure_ascii=False)}\n\n"
+            yield format_event(doc, event="log", id=f"{doc['attempt']}:{doc['n']}")
         if current in _TERMINAL:
             # One more read: lines written between the status read and the file read.
             for doc in cursor.read_new(await files()):
-                ident = f"{doc['attempt']}:{doc['n']}"
-                yield f"id: {ident}\nevent: log\ndata: {json.dumps(doc, ensure_ascii=False)}\n\n"
-            yield f"event: end\ndata: {json.dumps({'status': current})}\n\n"
+                yield format_event(doc, event="log", id=f"{doc['attempt']}:{doc['n']}")
+            yield format_event({"status": current}, event="end")
             return
         if loop.time() - last_sent >= keepalive_s:
             last_sent = loop.time()
-            yield ": keepalive\n\n"
+            yield comment("keepalive")
         await wait_change(0.5)

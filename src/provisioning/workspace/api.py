@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from provisioning.core.errors import ValidationError
+from provisioning.core.errors import NickelError, NotFound, ProvisioningError, ValidationError
 from provisioning.core.store import Database
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "DomainRequest",
     "ServersRequest",
     "TaskservRequest",
+    "check_workspace",
     "compile_request",
     "list_servers",
     "op_target",
@@ -155,3 +156,24 @@ def op_target(op_type: str, params: Mapping[str, Any]) -> str:
             f"params of {op_type} lack {exc} (needed to name the target)", field="params"
         ) from None
     raise ValidationError(f"op_type {op_type!r} is not a domain operation", field="op_type")
+
+
+def check_workspace(path: Path) -> list[ProvisioningError | str]:
+    """What ``prvng workspace validate`` finds in the workspace at ``path``, infra by infra so
+    that one broken infra does not hide the others: each problem as the error raised (a
+    :class:`NickelError` carries Nickel's diagnostic and its ``source`` file) or as the message
+    of a reference problem (``infra/x/settings.ncl: server a: no provider 'p'``). Blocking
+    (evaluates Nickel): call it in a thread."""
+    from provisioning.workspace.model import Workspace
+
+    try:
+        ws = Workspace.open(path)
+    except (NickelError, NotFound, ValidationError) as exc:
+        return [exc]
+    out: list[ProvisioningError | str] = []
+    for infra in ws.infra_names():
+        try:
+            out += ws.validate(infra)
+        except (NickelError, NotFound, ValidationError) as exc:
+            out.append(exc)
+    return out

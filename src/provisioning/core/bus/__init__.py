@@ -12,6 +12,10 @@ Contract of :class:`Bus` (see ``core/bus/nats.py`` for the implementation over `
 * :meth:`Bus.consumer` binds a durable pull consumer; :meth:`Consumer.fetch` returns at most
   ``batch`` deliveries within ``timeout_s`` (an empty list on timeout). A delivery not acked
   within ``ack_wait`` is delivered again, at most ``max_deliver`` times.
+* :meth:`Bus.stream_info` and :meth:`Bus.consumer_info` only read: the state of each declared
+  stream and durable consumer that exists on the server (one missing is left out), for
+  monitoring. They raise :class:`~provisioning.core.errors.Unreachable` when the server does
+  not answer.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ __all__ = [
     "Bus",
     "Consumer",
     "ConsumerDef",
+    "ConsumerInfo",
     "Delivery",
     "Published",
     "StreamDef",
+    "StreamInfo",
 ]
 
 
@@ -91,6 +97,33 @@ class Delivery:
         await self._raw.in_progress()  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class StreamInfo:
+    """A stream's state: what it holds now."""
+
+    name: str
+    subjects: tuple[str, ...]
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    consumers: int
+
+
+@dataclass(frozen=True)
+class ConsumerInfo:
+    """A durable consumer's progress on its stream."""
+
+    stream: str
+    durable: str
+    num_pending: int  # matching messages not delivered yet: the consumer's lag
+    num_ack_pending: int  # delivered, not acknowledged yet
+    num_redelivered: int  # delivered more than once and not acknowledged yet
+    num_waiting: int  # pull requests waiting for messages
+    delivered_seq: int  # stream seq of the last message delivered
+    ack_floor_seq: int  # stream seq below which every message is acknowledged
+
+
 class Consumer(Protocol):
     async def fetch(self, batch: int = 1, timeout_s: float = 1.0) -> list[Delivery]: ...
 
@@ -108,5 +141,9 @@ class Bus(Protocol):
     ) -> Published: ...
 
     async def consumer(self, stream: str, durable: str) -> Consumer: ...
+
+    async def stream_info(self) -> list[StreamInfo]: ...
+
+    async def consumer_info(self) -> list[ConsumerInfo]: ...
 
     async def close(self) -> None: ...

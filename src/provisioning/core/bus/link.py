@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from provisioning.core.bus import Bus, Consumer, Published
+from provisioning.core.bus import Bus, Consumer, ConsumerInfo, Published, StreamInfo
 from provisioning.core.errors import Unreachable
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import Settings
@@ -79,6 +79,12 @@ class BusLink:
 
     async def consumer(self, stream: str, durable: str) -> Consumer:
         return await self._bus().consumer(stream, durable)
+
+    async def stream_info(self) -> list[StreamInfo]:
+        return await self._bus().stream_info()
+
+    async def consumer_info(self) -> list[ConsumerInfo]:
+        return await self._bus().consumer_info()
 
     async def close(self) -> None:
         """Close the connection this link made (a bus handed in stays open)."""

@@ -7,6 +7,7 @@ import contextlib
 from typing import Any
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -24,9 +25,11 @@ from provisioning.core.bus import (
     CONSUMERS,
     STREAMS,
     ConsumerDef,
+    ConsumerInfo,
     Delivery,
     Published,
     StreamDef,
+    StreamInfo,
 )
 from provisioning.core.errors import Unreachable
 from provisioning.core.logging import get_logger
@@ -189,6 +192,79 @@ class NatsBus:
             raise Unreachable(f"no consumer {durable} on {stream} is declared")
         sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
         return _PullConsumer(sub)
+
+    async def stream_info(self) -> list[StreamInfo]:
+        """Every declared stream the server has, in declaration order.
+
+        Raises:
+            Unreachable: not connected, or the server did not answer.
+        """
+        infos = await self._ask(
+            [self.js.stream_info(d.name) for d in self.streams], "stream information"
+        )
+        out = []
+        for d, info in zip(self.streams, infos, strict=True):
+            if info is None:
+                continue
+            st = info.state
+            out.append(
+                StreamInfo(
+                    name=d.name,
+                    subjects=tuple(info.config.subjects or d.subjects),
+                    messages=int(st.messages or 0),
+                    bytes=int(st.bytes or 0),
+                    first_seq=int(st.first_seq or 0),
+                    last_seq=int(st.last_seq or 0),
+                    consumers=int(st.consumer_count or 0),
+                )
+            )
+        return out
+
+    async def consumer_info(self) -> list[ConsumerInfo]:
+        """Every declared durable consumer the server has, in declaration order.
+
+        Raises:
+            Unreachable: not connected, or the server did not answer.
+        """
+        infos = await self._ask(
+            [self.js.consumer_info(c.stream, c.durable) for c in self.consumers],
+            "consumer information",
+        )
+        out = []
+        for c, info in zip(self.consumers, infos, strict=True):
+            if info is None:
+                continue
+            out.append(
+                ConsumerInfo(
+                    stream=c.stream,
+                    durable=c.durable,
+                    num_pending=int(info.num_pending or 0),
+                    num_ack_pending=int(info.num_ack_pending or 0),
+                    num_redelivered=int(info.num_redelivered or 0),
+                    num_waiting=int(info.num_waiting or 0),
+                    delivered_seq=int(info.delivered.stream_seq if info.delivered else 0),
+                    ack_floor_seq=int(info.ack_floor.stream_seq if info.ack_floor else 0),
+                )
+            )
+        return out
+
+    async def _ask(self, requests: list[Any], what: str) -> list[Any]:
+        """Run JetStream API requests at once; a missing stream or consumer answers None."""
+
+        answers = await asyncio.gather(*requests, return_exceptions=True)
+        out: list[Any] = []
+        for answer in answers:
+            if isinstance(answer, NotFoundError):
+                out.append(None)
+            elif isinstance(answer, NatsError | TimeoutError):
+                raise Unreachable(
+                    f"NATS did not answer the {what} request ({type(answer).__name__})"
+                ) from None
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                out.append(answer)
+        return out
 
     async def close(self) -> None:
         nc, self.nc, self._js = self.nc, None, None
