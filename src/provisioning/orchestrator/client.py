@@ -14,8 +14,11 @@ import httpx
 from provisioning.core.errors import ProvisioningError, Unreachable, error_from_wire
 from provisioning.core.sse import iter_events
 from provisioning.orchestrator.api import WorkflowSpec
+from provisioning.orchestrator.workflow_file import load_workflow_file, parse_workflow_text
 
-__all__ = ["OrchestratorClient"]
+# The workflow-file readers are offered with the client: whoever submits (the CLI, the web UI)
+# reads and checks a workflow file before sending it.
+__all__ = ["OrchestratorClient", "load_workflow_file", "parse_workflow_text"]
 
 
 class OrchestratorClient:

@@ -239,6 +239,7 @@ class WebUI:
     def _build(self) -> FastAPI:
         from provisioning.control_center.ui.config_views import build_config_ui_router
         from provisioning.control_center.ui.ops_views import build_ops_router
+        from provisioning.control_center.ui.submit_views import build_submit_router
         from provisioning.control_center.ui.task_views import build_task_router
         from provisioning.control_center.ui.users_views import build_users_router
         from provisioning.control_center.ui.views import build_router
@@ -246,6 +247,7 @@ class WebUI:
 
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         app.include_router(build_task_router(self))
+        app.include_router(build_submit_router(self))  # before /workflows/{workflow_id}
         app.include_router(build_workflow_router(self))
         app.include_router(build_config_ui_router(self))
         app.include_router(build_ops_router(self))
