@@ -49,6 +49,7 @@ __all__ = [
     "append",
     "canonical_json",
     "export_lines",
+    "lock_chain",
     "query",
     "redact",
     "verify",
@@ -231,6 +232,14 @@ def _record(row: Row[Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- writing
 
 
+def lock_chain(conn: Connection) -> None:
+    """Serialise writers of the chain until the caller's transaction ends: on PostgreSQL a
+    transaction-scoped advisory lock (taking it again in one transaction is harmless); SQLite
+    serialises writers by itself. Take it before reading what the write depends on."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+
+
 def append(
     conn: Connection,
     event: AuditEvent,
@@ -255,8 +264,7 @@ def append(
         )
     if event.result not in _RESULTS:
         raise ValidationError(f"audit result must be one of {sorted(_RESULTS)}", field="result")
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    lock_chain(conn)
     head = conn.execute(
         select(cc_audit.c.seq, cc_audit.c.hash).order_by(cc_audit.c.seq.desc()).limit(1)
     ).first()

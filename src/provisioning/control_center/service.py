@@ -579,6 +579,10 @@ class IdentityService:
         records nothing twice); all in one transaction."""
 
         def body(conn: Connection) -> dict[str, int]:
+            # The chain's lock before looking for the ids: two services relaying the same
+            # outbox rows at once (two orchestrator workers on one store) would otherwise both
+            # find an id missing, and the second insert would fail on the unique id.
+            audit_log.lock_chain(conn)
             ids = [str(e["id"]) for e in events]
             seen = set(conn.execute(select(cc_audit.c.id).where(cc_audit.c.id.in_(ids))).scalars())
             recorded = 0

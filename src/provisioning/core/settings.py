@@ -95,6 +95,13 @@ class NatsSettings(_Section):
     duplicate_window_s: float = Field(
         600, gt=0, le=86400, description="JetStream drops a re-published Nats-Msg-Id this long."
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="Replicas of each stream the services create (their durable consumers "
+        "inherit it): 3 on a three-node cluster, so that losing one node loses nothing.",
+    )
 
 
 class OrchestratorSettings(_Section):

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from provisioning.core.bus import Bus, Delivery
-from provisioning.core.errors import InvalidState
+from provisioning.core.errors import InvalidState, Unreachable
 from provisioning.core.logging import get_logger
 from provisioning.core.ops_token import OpRejected, VerifiedOp, verify_op
 from provisioning.core.signing import TokenVerifier
@@ -230,14 +230,26 @@ class OpsController:
     async def relay_outbox(self, limit: int = 100) -> int:
         """Publish pending audit events to ``ops.audit.<result>``; answer how many."""
         pending = await self.store.outbox_pending(limit)
-        for _id, event in pending:
-            subject = (
-                "ops.audit.completed" if event.get("result") == "success" else "ops.audit.failed"
+        done = []
+        try:
+            for _id, event in pending:
+                subject = (
+                    "ops.audit.completed"
+                    if event.get("result") == "success"
+                    else "ops.audit.failed"
+                )
+                await self.bus.publish(subject, json.dumps(event).encode(), msg_id=str(event["id"]))
+                done.append(_id)
+        except Unreachable as exc:
+            # NATS busy (a leader election), or another controller on the same store relaying
+            # the same event at this moment: the rest waits for the next turn (same msg ids).
+            log.warning(
+                "audit events not relayed yet; will retry",
+                extra={"waiting": len(pending) - len(done), "error": str(exc)[:300]},
             )
-            await self.bus.publish(subject, json.dumps(event).encode(), msg_id=str(event["id"]))
-        if pending:
-            await self.store.outbox_done([i for i, _ in pending])
-        return len(pending)
+        if done:
+            await self.store.outbox_done(done)
+        return len(done)
 
     async def reconcile(self, lookup: Callable[[str], Awaitable[dict[str, Any] | None]]) -> int:
         """On start: records left ``dispatched`` by a crash are settled by asking the

@@ -75,6 +75,7 @@ class NatsBus:
         max_deliver: int = 10,
         ack_wait_s: float = 30.0,
         duplicate_window_s: float = 600.0,
+        replicas: int = 1,
         name: str = "prvng",
         streams: tuple[StreamDef, ...] = STREAMS,
         consumers: tuple[ConsumerDef, ...] = CONSUMERS,
@@ -82,6 +83,7 @@ class NatsBus:
         self.servers = servers
         self.max_deliver, self.ack_wait_s = max_deliver, ack_wait_s
         self.duplicate_window_s = duplicate_window_s
+        self.replicas = replicas
         self.name = name
         self.streams, self.consumers = streams, consumers
         self.nc: Client | None = None
@@ -135,9 +137,11 @@ class NatsBus:
             discard=DiscardPolicy.OLD,
             max_age=d.max_age_s or None,
             duplicate_window=self.duplicate_window_s,
+            num_replicas=self.replicas,
         )
 
     def _consumer_config(self, d: ConsumerDef) -> ConsumerConfig:
+        # No num_replicas: a durable consumer has its stream's replicas (nats.replicas).
         return ConsumerConfig(
             durable_name=d.durable,
             filter_subject=d.filter_subject,
@@ -179,9 +183,12 @@ class NatsBus:
             hdrs["Nats-Msg-Id"] = msg_id
         try:
             ack = await self.js.publish(subject, payload, headers=hdrs or None, timeout=10)
-        except (NatsTimeout, NoServersError) as exc:
+        except NatsError as exc:
+            # Timeouts, no server, no stream answering (a leader election in a cluster), or
+            # an API error such as 10158 "duplicate message id is in process" (another
+            # publisher of the same id, not yet stored): nothing confirmed, so try again.
             raise Unreachable(
-                f"NATS did not confirm {subject} ({type(exc).__name__}); publish again "
+                f"NATS did not confirm {subject} ({type(exc).__name__}: {exc}); publish again "
                 "with the same msg id"
             ) from None
         return Published(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
@@ -282,6 +289,7 @@ def bus_for(settings: Settings, *, name: str = "prvng") -> NatsBus:
         max_deliver=n.max_deliver,
         ack_wait_s=n.ack_wait_s,
         duplicate_window_s=n.duplicate_window_s,
+        replicas=n.replicas,
         name=name,
     )
 
