@@ -147,7 +147,14 @@ def test_platform_status_exits_0_while_running_and_3_after_stop(tmp_path: Path) 
         up = prvng("--output", "json", "platform", "status", data_dir=home, url=plat.url)
         assert up.returncode == 0, show(up)
         rows = {r["service"]: r for r in json.loads(up.stdout)}
-        assert set(rows) == {"orchestrator", "control-center"}, show(up)
+        assert set(rows) == {
+            "orchestrator",
+            "control-center",
+            "ops-keeper",
+            "ops-controller",
+            "audit-mirror",
+            "nats",
+        }, show(up)
         for row in rows.values():
             assert (row["status"], row["pid"]) == ("ok", plat.pid()), show(up)
         pid = plat.pid()

@@ -144,6 +144,10 @@ class AuditMirrorService:
             "last_error": self.last_error,
         }
 
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """The consumer loop, for the supervisor (one ending with an exception is a crash)."""
+        return [self._task] if self._task is not None else []
+
     async def start(self) -> None:
         """Open the repository (initialising what is missing, reconciling the index) and start
         consuming.

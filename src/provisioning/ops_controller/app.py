@@ -158,6 +158,10 @@ class OpsControllerService:
         app.include_router(r)
         return app
 
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """The consumer loop, for the supervisor (one ending with an exception is a crash)."""
+        return [self._task] if self._task is not None else []
+
     async def start(self) -> None:
         """Open the store and start the loop (which connects NATS and reconciles first)."""
         await self.store.open()

@@ -128,6 +128,10 @@ class OpsKeeperService:
 
         return await connect_bus(self.settings, name="prvng-ops-keeper", timeout_s=timeout_s)
 
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """The policy watch and the publisher, for the supervisor."""
+        return list(self._tasks)
+
     async def start(self) -> None:
         """Migrate, load or create the signing key, load (or write) the policy, connect NATS
         (or keep trying in the background), start the policy watch and the publisher.

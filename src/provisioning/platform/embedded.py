@@ -17,16 +17,18 @@ from provisioning.platform.supervisor import Background, Service
 
 if TYPE_CHECKING:
     from provisioning.core.bus.nats import NatsBus
+    from provisioning.core.store.base import Database
 
-__all__ = ["BusConnection", "build_platform", "build_services", "make_bus"]
+__all__ = ["BusConnection", "SharedDatabase", "build_platform", "build_services", "make_bus"]
 
 
 def build_services(
-    settings: Settings, *, bus: NatsBus | None = None
+    settings: Settings, *, bus: NatsBus | None = None, db: Database | None = None
 ) -> tuple[ControlCenterService, list[Service]]:
     """The control center and every service, in start order (``bus``: connected by the time
-    they start; without it the platform runs without NATS)."""
-    cc = ControlCenterService(settings, bus=bus)
+    they start; without it the platform runs without NATS). ``db``: the store they share,
+    closed by the caller; without it the control center opens it and closes it at its stop."""
+    cc = ControlCenterService(settings, bus=bus, db=db)
     guard = Guard(cc.authenticator, cc.authorizer, audit=cc.audit_hook("orchestrator"))
     orchestrator = OrchestratorService(
         settings,
@@ -98,17 +100,36 @@ class BusConnection:
         await self.bus.close()
 
 
+class SharedDatabase:
+    """The store every service of the platform shares, closed after they all stopped: owned
+    by the platform, not by the control center, so restarting a crashed control center does
+    not close it under the others."""
+
+    name = "state-store"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        await self.db.close()
+
+
 def build_platform(
     settings: Settings,
 ) -> tuple[ControlCenterService, list[Service], list[Background]]:
     """``prvng platform start``: the embedded nats-server (unless ``nats.url`` names one) and
     the bus first, then every service wired to them."""
+    from provisioning.core.store.base import open_database
     from provisioning.platform.nats_server import EmbeddedNats
 
     bus = make_bus(settings)
-    background: list[Background] = []
+    db = open_database(settings.state_url, sqlite_synchronous=settings.state.sqlite_synchronous)
+    background: list[Background] = [SharedDatabase(db)]
     if not settings.nats.url.strip():
         background.append(EmbeddedNats(settings))
     background.append(BusConnection(bus))
-    cc, services = build_services(settings, bus=bus)
+    cc, services = build_services(settings, bus=bus, db=db)
     return cc, services, background

@@ -1,9 +1,15 @@
-"""The platform's pid file: which process runs the platform of a data dir, and its URL."""
+"""The platform's pid file: which process runs the platform of a data dir, and its URLs.
+
+Format (text): the first line is ``<pid> <orchestrator URL> <control center URL> <keeper URL>``
+(what :meth:`PidFile.url` reads by index); each further line is ``<service> <URL>`` for every
+service the platform runs, nats-server included (what :meth:`PidFile.services` reads).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -32,19 +38,34 @@ class PidFile:
                 return None
         return pid
 
+    def _lines(self) -> list[str]:
+        if self.read() is None:
+            return []
+        try:
+            return self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+
     def url(self, index: int = 0) -> str | None:
         """A service URL a live platform recorded at start (see :meth:`claim`), or None:
         ``index`` 0 is the orchestrator, 1 the control center, 2 the ops-keeper."""
-        if self.read() is None:
-            return None
-        try:
-            parts = self.path.read_text(encoding="utf-8").split()
-        except OSError:
-            return None
+        lines = self._lines()
+        parts = lines[0].split() if lines else []
         return parts[1 + index] if len(parts) > 1 + index else None
 
-    def claim(self, *urls: str) -> None:
-        """Write our pid and the service URLs so clients of this data dir find them.
+    def services(self) -> dict[str, str]:
+        """Every service a live platform recorded at start, name → URL, in start order
+        (empty when it does not run or recorded none)."""
+        found: dict[str, str] = {}
+        for line in self._lines()[1:]:
+            name, _, url = line.partition(" ")
+            if name and url.strip():
+                found[name] = url.strip()
+        return found
+
+    def claim(self, *urls: str, services: Mapping[str, str] | None = None) -> None:
+        """Write our pid, the orchestrator/control center/keeper ``urls`` and every service's
+        URL (``services``, name → URL) so clients of this data dir find them.
 
         Raises:
             ConfigError: another live process already runs the platform of this data dir.
@@ -56,7 +77,9 @@ class PidFile:
                 "`prvng platform stop` stops it"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(" ".join([str(os.getpid()), *urls]) + "\n", encoding="utf-8")
+        lines = [" ".join([str(os.getpid()), *urls])]
+        lines += [f"{name} {url}" for name, url in (services or {}).items()]
+        self.path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def release(self) -> None:
         with contextlib.suppress(OSError):

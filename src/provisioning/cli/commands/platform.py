@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import psutil
@@ -20,7 +22,7 @@ from provisioning.cli.output import console, err_console, render
 from provisioning.cli.state import run, state_of
 from provisioning.control_center.client import ControlCenterClient
 from provisioning.core.errors import OperationFailed, ProvisioningError, Unreachable
-from provisioning.core.settings import Settings
+from provisioning.core.settings import Settings, default_home
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.platform.pidfile import PidFile
 
@@ -50,6 +52,64 @@ def _overrides(host: str | None, port: int | None) -> dict[str, Any]:
 
 
 @app.command()
+def init(
+    ctx: typer.Context,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing platform.ncl.")
+    ] = False,
+) -> None:
+    """Write <data dir>/config/platform.ncl with every setting, its default and what it does.
+
+    Secrets (admin password, API keys) are left commented out: set them in the environment.
+    Refuses to overwrite an existing file without --force.
+    """
+    from provisioning.platform.init_file import write_platform_ncl
+
+    st = state_of(ctx)
+    # Not st.settings(): the file being replaced may be the broken one.
+    home = (st.home or Path(os.environ.get("PRVNG_HOME") or default_home())).expanduser()
+    path = write_platform_ncl(home / "config" / "platform.ncl", force=force)
+    console.print(f"wrote {path}", highlight=False)
+
+
+def _ports(settings: Settings) -> list[tuple[str, str, int]]:
+    """(service, host, port) of everything `platform start` binds, as build_platform wires it."""
+    found = [
+        ("orchestrator", settings.orchestrator.host, settings.orchestrator.port),
+        ("control-center", settings.control_center.host, settings.control_center.port),
+        ("ops-keeper", settings.ops_keeper.host, settings.ops_keeper.port),
+    ]
+    if settings.ops_controller.embedded:
+        found.append(("ops-controller", settings.ops_controller.host, settings.ops_controller.port))
+    if settings.audit_mirror.embedded:
+        found.append(("audit-mirror", settings.audit_mirror.host, settings.audit_mirror.port))
+    if not settings.nats.url.strip():
+        found.append(("nats", settings.nats.host, settings.nats.port))
+    return found
+
+
+def _service_urls(settings: Settings) -> dict[str, str]:
+    """Where clients reach each service of the platform, name → URL (recorded in the pid file)."""
+    urls = {
+        name: f"http://{_client_host(host)}:{port}"
+        for name, host, port in _ports(settings)
+        if name != "nats"
+    }
+    urls["control-center"] = settings.control_center_url
+    if settings.ops_keeper.url.strip():
+        urls["ops-keeper"] = settings.ops_keeper.url.rstrip("/")
+    urls["nats"] = ", ".join(settings.nats_servers)
+    return {k: v.replace(" ", "") for k, v in urls.items()}
+
+
+def _check_ports(settings: Settings) -> None:
+    from provisioning.platform.supervisor import check_port
+
+    for name, host, port in _ports(settings):
+        check_port(host, port, name)
+
+
+@app.command()
 def start(
     ctx: typer.Context,
     host: Host = None,
@@ -60,7 +120,12 @@ def start(
     ] = False,
 ) -> None:
     """Run the platform in the foreground until Ctrl-C / SIGTERM: the control center, the
-    orchestrator and a supervised nats-server (unless nats.url names one).
+    orchestrator, the ops-keeper, ops-controller and audit-mirror, and a supervised nats-server
+    (unless nats.url names one).
+
+    Every port is checked first: a busy one is an error naming its setting and the process
+    holding it, and nothing starts. A service that crashes is logged and restarted with
+    backoff; the others keep serving.
 
     State lives in the data dir (PRVNG_HOME, default ~/.local/share/provisioning): SQLite store,
     task logs, JetStream store, pid file. Running tasks survive a restart: they are recovered on
@@ -68,6 +133,10 @@ def start(
     """
     st = state_of(ctx)
     settings = st.settings(**_overrides(host, port))
+    if PidFile(settings.run_dir).read() is None:
+        # Every port before anything starts (in --background mode: a usage error here rather
+        # than a failed child's log tail). A running platform is reported by what follows.
+        _check_ports(settings)
     if background:
         _start_background(settings, host, port)
         return
@@ -78,13 +147,8 @@ def start(
 
     configure_logging(settings.log.level, settings.log.format)
     pidfile = PidFile(settings.run_dir)
-    o = settings.orchestrator
-    k = settings.ops_keeper
-    pidfile.claim(
-        f"http://{_client_host(o.host)}:{o.port}",
-        settings.control_center_url,
-        k.url.rstrip("/") or f"http://{_client_host(k.host)}:{k.port}",
-    )
+    urls = _service_urls(settings)
+    pidfile.claim(urls["orchestrator"], urls["control-center"], urls["ops-keeper"], services=urls)
     try:
         cc, services, units = build_platform(settings)
 
@@ -232,26 +296,43 @@ def stop(
 def status(ctx: typer.Context) -> None:
     """Show whether the platform runs, and each service's health, version, uptime and address.
 
-    Exit code 3 when it is not running or not reachable.
+    The addresses are those the running platform recorded in its pid file (else the settings).
+    Exit code 3 when it is not running or a service is not healthy.
     """
     st = state_of(ctx)
     settings = st.settings()
-    pid = PidFile(settings.run_dir).read()
-    url = st.orchestrator_url()
+    pidfile = PidFile(settings.run_dir)
+    pid = pidfile.read()
+    urls = pidfile.services() or _service_urls(settings)
+    # --url / --cc-url / ops_keeper.url win over what was recorded, as for every command.
+    urls["orchestrator"] = st.orchestrator_url()
+    urls["control-center"] = st.cc_url()
+    urls["ops-keeper"] = st.keeper_url()
 
     async def probe(service: str, base: str) -> dict[str, Any]:
-        row: dict[str, Any] = {"service": service, "url": base, "pid": pid}
+        row: dict[str, Any] = {
+            "service": service,
+            "url": base,
+            "pid": pid,
+            "version": None,
+            "uptime_s": None,
+        }
+        if service == "nats":
+            return {**row, **await _probe_nats(base)}
         async with ControlCenterClient(base, timeout=3) as c:
             try:
                 h = await c.get("/health")
             except ProvisioningError as exc:
                 return {**row, "status": "down", "error": exc.message}
-        return {**row, "status": h["status"], "version": h["version"], "uptime_s": h["uptime_s"]}
+        return {
+            **row,
+            "status": h.get("status", "ok"),
+            "version": h.get("version"),
+            "uptime_s": h.get("uptime_s"),
+        }
 
     async def probe_all() -> list[dict[str, Any]]:
-        return list(
-            await asyncio.gather(probe("control-center", st.cc_url()), probe("orchestrator", url))
-        )
+        return list(await asyncio.gather(*(probe(name, url) for name, url in urls.items())))
 
     rows = run(probe_all())
     render(
@@ -268,3 +349,22 @@ def status(ctx: typer.Context) -> None:
     )
     if any(r["status"] != "ok" for r in rows):
         raise Unreachable("the platform is not running or not healthy (`prvng platform start`)")
+
+
+async def _probe_nats(urls: str) -> dict[str, Any]:
+    """nats-server has no HTTP health here: ok when one of its URLs accepts a connection."""
+    from urllib.parse import urlsplit
+
+    for url in urls.split(","):
+        parts = urlsplit(url.strip())
+        try:
+            _r, w = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 3
+            )
+        except (OSError, TimeoutError):
+            continue
+        w.close()
+        with contextlib.suppress(OSError):
+            await w.wait_closed()
+        return {"status": "ok"}
+    return {"status": "down", "error": f"no NATS server accepts connections at {urls}"}
