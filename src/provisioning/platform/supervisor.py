@@ -128,7 +128,10 @@ def bind_socket(host: str, port: int, service: str, setting: str | None = None) 
     setting = setting or _setting(service)
     env = "PRVNG_" + setting.upper().replace(".", "__")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY on accepted connections only
+    # when the listening socket says so; without it every kept-alive answer waited ~40 ms
+    # for the client's delayed ACK (uvicorn writes headers and body apart).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

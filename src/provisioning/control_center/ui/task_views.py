@@ -35,6 +35,8 @@ _POSITION = re.compile(r"\d{1,7}:\d{1,12}")
 TERMINAL = ("Completed", "Failed", "Cancelled", "Skipped", "RolledBack")
 STREAM_S = 600.0  # one proxied stream at most this long; the browser then resumes
 KEEPALIVE_S = 15.0
+RELAY_QUEUE = 10_000  # events read ahead from the orchestrator's stream at most
+RELAY_BATCH = 2_000  # events sent to the browser in one write at most
 MAX_LINES = 5000  # kept in the page (static/logs.js)
 SEARCH_TASKS = 200  # a workflow search looks in at most this many tasks…
 SEARCH_HITS = 500  # …and shows at most this many lines…
@@ -111,38 +113,61 @@ def build_task_router(ui: WebUI) -> APIRouter:
         token = session.token
 
         async def stream() -> AsyncIterator[str]:
+            # A reader task takes the orchestrator's events into a bounded queue; each write
+            # to the browser carries every event that is waiting (one chunk per batch, not one
+            # per line, and no task and timer per line), so a fast log does not fall behind.
             yield "retry: 2000\n\n"
             started = time.monotonic()
-            async with ui.backends.orchestrator(token) as orch:
-                events = orch.follow_logs(task_id, last_event_id=last or None).__aiter__()
-                pending: asyncio.Future[tuple[str, str, dict[str, Any]]] | None = None
-                try:
-                    while time.monotonic() - started < STREAM_S:
-                        if pending is None:
-                            pending = asyncio.ensure_future(events.__anext__())
-                        done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
-                        if not done:
-                            yield comment("keepalive")
-                            continue
-                        try:
-                            event, eid, data = pending.result()
-                        except StopAsyncIteration:
-                            yield format_event({"status": "?"}, event="end")
-                            return
-                        except ProvisioningError as exc:
-                            yield format_event({"message": exc.message}, event="failure")
-                            return
-                        pending = None
-                        yield format_event(data, event=event, id=eid or None)
-                        if event == "end":
-                            return
-                finally:
-                    if pending is not None and not pending.done():
-                        pending.cancel()
+            queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=RELAY_QUEUE)
+
+            async def read() -> None:
+                async with ui.backends.orchestrator(token) as orch:
+                    events = orch.follow_logs(task_id, last_event_id=last or None)
+                    try:
+                        async for item in events:
+                            await queue.put(item)
+                        await queue.put(None)
+                    except Exception as exc:  # handed to the stream, which ends with it
+                        await queue.put(exc)
+                    finally:
                         with contextlib.suppress(BaseException):
-                            await pending
-                    with contextlib.suppress(BaseException):
-                        await events.aclose()  # type: ignore[attr-defined]
+                            await events.aclose()  # type: ignore[attr-defined]
+
+            reader = asyncio.create_task(read())
+            try:
+                while time.monotonic() - started < STREAM_S:
+                    try:
+                        first = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    except TimeoutError:
+                        yield comment("keepalive")
+                        continue
+                    batch = [first]
+                    while len(batch) < RELAY_BATCH and not queue.empty():
+                        batch.append(queue.get_nowait())
+                    out: list[str] = []
+                    for item in batch:
+                        if item is None:
+                            out.append(format_event({"status": "?"}, event="end"))
+                            yield "".join(out)
+                            return
+                        if isinstance(item, ProvisioningError):
+                            out.append(format_event({"message": item.message}, event="failure"))
+                            yield "".join(out)
+                            return
+                        if isinstance(item, BaseException):
+                            if out:
+                                yield "".join(out)
+                            raise item
+                        event, eid, data = item
+                        out.append(format_event(data, event=event, id=eid or None))
+                        if event == "end":
+                            yield "".join(out)
+                            return
+                    yield "".join(out)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
 
         return StreamingResponse(
             stream(),

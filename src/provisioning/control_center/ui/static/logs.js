@@ -1,6 +1,6 @@
 // The task log viewer (templates/tasks/logs.html): follows the control center's re-sent log
 // stream (Server-Sent Events, resumed after the last line seen when the connection drops),
-// appends lines in batches once per frame so fast output keeps up, keeps at most
+// appends lines in batches (at most ~10 a second) so fast output keeps up, keeps at most
 // data-max-lines lines in the page (the oldest go, and the page says so), and filters the
 // lines it holds as you type.
 (function () {
@@ -25,6 +25,9 @@
     var gone = 0;
     var needle = "";
     var source = null;
+    var FLUSH_EVERY_MS = 100;
+    var lastFlush = 0;
+    var selfScroll = false;
 
     function matches(text) {
       return !needle || text.toLowerCase().indexOf(needle) >= 0;
@@ -57,7 +60,8 @@
     }
 
     function status() {
-      var shown = box.querySelectorAll(".log-line:not(.hidden)").length;
+      // Counting the shown lines walks all of them: only while a filter is set.
+      var shown = needle ? box.querySelectorAll(".log-line:not(.hidden)").length : 0;
       var held = box.childElementCount;
       count.textContent =
         total + " line" + (total === 1 ? "" : "s") + " received" +
@@ -75,6 +79,7 @@
       if (!queue.length) {
         return;
       }
+      lastFlush = Date.now();
       var batch = queue;
       queue = [];
       if (batch.length > max) {
@@ -100,6 +105,7 @@
         gone++;
       }
       if (follow.checked) {
+        selfScroll = true; // the scroll event this causes is ours, not the reader's
         box.scrollTop = box.scrollHeight;
       }
       status();
@@ -113,9 +119,14 @@
         queue.splice(0, queue.length - max);
       }
       if (!scheduled) {
+        // At most ~10 flushes a second: each one lays the box out again (scrolling to the
+        // end), so fast output is appended in fewer, larger batches.
         scheduled = true;
-        window.requestAnimationFrame(flush);
-        window.setTimeout(flush, 250); // a background tab runs no animation frames
+        var wait = Math.max(0, FLUSH_EVERY_MS - (Date.now() - lastFlush));
+        window.setTimeout(function () {
+          window.requestAnimationFrame(flush);
+        }, wait);
+        window.setTimeout(flush, wait + 250); // a background tab runs no animation frames
       }
     }
 
@@ -190,6 +201,10 @@
       box.classList.toggle("wrap", wrap.checked);
     });
     box.addEventListener("scroll", function () {
+      if (selfScroll) {
+        selfScroll = false;
+        return;
+      }
       // Scrolling up stops following; back at the bottom resumes it.
       var atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 8;
       follow.checked = atEnd;
