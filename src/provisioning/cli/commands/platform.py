@@ -175,6 +175,7 @@ def _print_ready(settings: Settings, services: Sequence[Service]) -> None:
         console.print(f"  {svc.name:<14} http://{svc.host}:{svc.port}   (API docs: /docs)")
     where = "embedded" if not settings.nats.url.strip() else "external"
     console.print(f"  {'nats':<14} {', '.join(settings.nats_servers)}   ({where}, JetStream)")
+    console.print(f"  {'web UI':<14} {settings.control_center_url}/ui/")
     console.print("Log in with `prvng login`. Stop with Ctrl-C or `prvng platform stop`.")
 
 
@@ -230,6 +231,7 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
             console.print(f"platform started in the background (pid {proc.pid})")
             console.print(f"  orchestrator    {url}")
             console.print(f"  control center  {settings.control_center_url}")
+            console.print(f"  web UI          {settings.control_center_url}/ui/")
             for name, sec in (
                 ("ops-keeper", settings.ops_keeper),
                 ("ops-controller", settings.ops_controller),
