@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from provisioning import __version__
 from provisioning.audit_mirror.mirror import ALREADY_MIRRORED, GitMirror, check_event
@@ -31,7 +30,7 @@ from provisioning.core.bus.link import BusLink
 from provisioning.core.errors import ProvisioningError
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import Settings
-from provisioning.core.web import envelope, install_error_handlers
+from provisioning.core.web import health_app
 
 __all__ = ["AuditMirrorService", "mirror_paths"]
 
@@ -105,27 +104,20 @@ class AuditMirrorService:
         return self.error or self.link.last_error
 
     def _build_app(self) -> FastAPI:
-        app = FastAPI(
+        return health_app(
             title="Provisioning audit-mirror",
             version=__version__,
             description="Commits every ops audit event to a git repository, one SSH-signed "
             "commit each, and pushes it to the configured remotes. Only health and metrics "
             "are served here; `prvng audit verify --repo` checks the repository.",
+            status=self.status,
+            metrics=self._metrics_text,
+            health_summary="Liveness, NATS, repository head, remotes",
         )
-        install_error_handlers(app)
-        r = APIRouter()
 
-        @r.get("/health", tags=["system"], summary="Liveness, NATS, repository head, remotes")
-        async def health() -> Response:
-            return envelope(self.status())
-
-        @r.get("/metrics", tags=["system"], summary="Prometheus metrics")
-        async def prometheus() -> Response:
-            self.metrics.refresh()
-            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-        app.include_router(r)
-        return app
+    async def _metrics_text(self) -> bytes:
+        self.metrics.refresh()
+        return generate_latest(self.metrics.registry)
 
     def status(self) -> dict[str, Any]:
         m = self.mirror

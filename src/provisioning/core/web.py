@@ -8,14 +8,14 @@ tree maps the code to. Request validation failures answer 422 naming every bad f
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from provisioning.core.errors import LimitExceeded, ProvisioningError
@@ -25,6 +25,7 @@ __all__ = [
     "BodyLimitMiddleware",
     "envelope",
     "error_response",
+    "health_app",
     "install_error_handlers",
 ]
 
@@ -191,3 +192,32 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def health_app(
+    *,
+    title: str,
+    description: str,
+    version: str,
+    status: Callable[[], dict[str, Any]],
+    metrics: Callable[[], Awaitable[bytes]],
+    health_summary: str = "Liveness and state",
+) -> FastAPI:
+    """The app of a service that serves only ``GET /health`` (``status()`` in the envelope)
+    and ``GET /metrics`` (``metrics()``: the Prometheus exposition, refreshed on each call)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    app = FastAPI(title=title, version=version, description=description)
+    install_error_handlers(app)
+    r = APIRouter()
+
+    @r.get("/health", tags=["system"], summary=health_summary)
+    async def health() -> Response:
+        return envelope(status())
+
+    @r.get("/metrics", tags=["system"], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(await metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(r)
+    return app

@@ -16,9 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from provisioning import __version__
 from provisioning.core.bus import Bus
@@ -27,7 +26,7 @@ from provisioning.core.logging import get_logger
 from provisioning.core.ops_token import ops_verifier
 from provisioning.core.settings import Settings
 from provisioning.core.store import Database
-from provisioning.core.web import envelope, install_error_handlers
+from provisioning.core.web import health_app
 from provisioning.ops_controller.controller import OpsController
 from provisioning.ops_controller.dispatch import HttpDispatcher
 from provisioning.ops_controller.idempotency import IdempotencyStore
@@ -124,39 +123,33 @@ class OpsControllerService:
         return self.error or self.link.last_error
 
     def _build_app(self) -> FastAPI:
-        app = FastAPI(
+        return health_app(
             title="Provisioning ops-controller",
             version=__version__,
             description="Consumes signed operations from NATS and dispatches each once to the "
             "orchestrator. Only health and metrics are served here.",
+            status=self.status,
+            metrics=self._metrics_text,
+            health_summary="Liveness, NATS connection, outcomes",
         )
-        install_error_handlers(app)
-        r = APIRouter()
 
-        @r.get("/health", tags=["system"], summary="Liveness, NATS connection, outcomes")
-        async def health() -> Response:
-            return envelope(
-                {
-                    "status": "ok",
-                    "service": self.name,
-                    "version": __version__,
-                    "uptime_s": round(time.monotonic() - self._started, 3),
-                    "nats": "connected" if self.connected else "not connected",
-                    "idempotency": self.settings.ops_controller.idempotency,
-                    "orchestrator": self.settings.orchestrator_url,
-                    "reconciled": self.reconciled,
-                    "outcomes": dict(self.controller.counts),
-                    "last_error": self.last_error,
-                }
-            )
+    def status(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "service": self.name,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "nats": "connected" if self.connected else "not connected",
+            "idempotency": self.settings.ops_controller.idempotency,
+            "orchestrator": self.settings.orchestrator_url,
+            "reconciled": self.reconciled,
+            "outcomes": dict(self.controller.counts),
+            "last_error": self.last_error,
+        }
 
-        @r.get("/metrics", tags=["system"], summary="Prometheus metrics")
-        async def prometheus() -> Response:
-            await self.metrics.refresh()
-            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-        app.include_router(r)
-        return app
+    async def _metrics_text(self) -> bytes:
+        await self.metrics.refresh()
+        return generate_latest(self.metrics.registry)
 
     def background_tasks(self) -> list[asyncio.Task[None]]:
         """The consumer loop, for the supervisor (one ending with an exception is a crash)."""
