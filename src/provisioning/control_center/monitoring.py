@@ -44,6 +44,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from provisioning.core.bus import Bus
+from provisioning.core.bus.link import bus_connected
 from provisioning.core.errors import ProvisioningError, Unreachable
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import Settings
@@ -225,7 +226,7 @@ class SystemMonitor:
             return out
         target = getattr(self.bus, "bus", self.bus)  # a BusLink holds the bus once connected
         nc = getattr(target, "nc", None)
-        connected = target is not None and (nc is None or bool(getattr(nc, "is_connected", 0)))
+        connected = bus_connected(self.bus)
         servers = getattr(target, "servers", None) or self.settings.nats_servers
         url = getattr(nc, "connected_url", None) if connected else None
         out.update(

@@ -37,11 +37,7 @@ MAX_BODY_BYTES = 256 * 1024
 def policy_path(settings: Settings) -> Path:
     """Where the keeper's policy file is: ``ops_keeper.policy_file`` (relative to the data
     dir), or ``<home>/config/keeper_policy.ncl``."""
-    configured = settings.ops_keeper.policy_file.strip()
-    if not configured:
-        return settings.home / "config" / "keeper_policy.ncl"
-    path = Path(configured).expanduser()
-    return path if path.is_absolute() else settings.home / path
+    return settings.data_path(settings.ops_keeper.policy_file, "config/keeper_policy.ncl")
 
 
 def _decision_route(method: str, path: str) -> bool:

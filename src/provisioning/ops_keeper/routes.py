@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from provisioning import __version__
 from provisioning.core.auth import Guard, Identity
+from provisioning.core.bus.link import bus_connected
 from provisioning.core.errors import Forbidden
 from provisioning.core.rbac import Resource
 from provisioning.core.web import envelope
@@ -37,9 +38,7 @@ def build_router(svc: KeeperService, metrics: Metrics, guard: Guard, started: fl
 
     @r.get("/health", tags=["system"], summary="Liveness, NATS connection and policy state")
     async def health() -> Response:
-        bus = svc.bus
-        nc = getattr(bus, "nc", None)
-        connected = bus is not None and (nc is None or bool(getattr(nc, "is_connected", True)))
+        connected = bus_connected(svc.bus)
         policy = svc.policy_file
         return envelope(
             {

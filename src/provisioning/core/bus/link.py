@@ -17,9 +17,19 @@ from provisioning.core.errors import Unreachable
 from provisioning.core.logging import get_logger
 from provisioning.core.settings import Settings
 
-__all__ = ["BusLink"]
+__all__ = ["BusLink", "bus_connected"]
 
 log = get_logger("bus")
+
+
+def bus_connected(bus: object) -> bool:
+    """Whether ``bus`` (a NatsBus, a BusLink, or None) has a live connection. A bus without
+    a NATS client (a test double) counts as connected."""
+    target = getattr(bus, "bus", bus) if isinstance(bus, BusLink) else bus
+    if target is None:
+        return False
+    nc = getattr(target, "nc", None)
+    return nc is None or bool(getattr(nc, "is_connected", True))
 
 
 class BusLink:
@@ -40,8 +50,7 @@ class BusLink:
 
     @property
     def connected(self) -> bool:
-        nc = getattr(self.bus, "nc", None)
-        return self.bus is not None and (nc is None or bool(getattr(nc, "is_connected", True)))
+        return bus_connected(self.bus)
 
     async def wait_connected(self, stop: asyncio.Event) -> bool:
         """Connect (when not handed a bus), retrying every ``retry_interval_s`` until it
