@@ -13,7 +13,7 @@ import typer
 from provisioning.cli.credentials import Credentials
 from provisioning.cli.output import OutputFormat
 from provisioning.control_center.client import ControlCenterClient
-from provisioning.core.settings import Settings, load_settings
+from provisioning.core.settings import Settings, load_settings, service_url
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.platform.pidfile import PidFile
 
@@ -49,8 +49,7 @@ class CliState:
         if recorded := PidFile(self.settings().run_dir).url():
             return recorded
         o = self.settings().orchestrator
-        host = "127.0.0.1" if o.host in ("0.0.0.0", "::", "") else o.host
-        return f"http://{host}:{o.port}"
+        return service_url(o.host, o.port)
 
     def cc_url(self) -> str:
         """``--cc-url``, else the URL the running platform recorded, else settings."""
@@ -67,8 +66,7 @@ class CliState:
             return k.url.rstrip("/")
         if recorded := PidFile(self.settings().run_dir).url(2):
             return recorded
-        host = "127.0.0.1" if k.host in ("0.0.0.0", "::", "") else k.host
-        return f"http://{host}:{k.port}"
+        return service_url(k.host, k.port)
 
     def keeper_client(self) -> OpsKeeperClient:
         """An ops-keeper client with the stored login or API key."""

@@ -47,7 +47,7 @@ from provisioning.core.bus import Bus
 from provisioning.core.bus.link import bus_connected
 from provisioning.core.errors import ProvisioningError, Unreachable
 from provisioning.core.logging import get_logger
-from provisioning.core.settings import Settings
+from provisioning.core.settings import Settings, service_url
 from provisioning.core.sse import EventRing, RingEvent, Subscription, comment, format_event
 from provisioning.core.store import Database
 
@@ -572,8 +572,7 @@ def _failure(w: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _http(host: str, port: int) -> str:
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return service_url(host, port)
 
 
 def _safe_url(url: str) -> str:

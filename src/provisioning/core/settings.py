@@ -32,6 +32,7 @@ __all__ = [
     "StateSettings",
     "default_home",
     "load_settings",
+    "service_url",
     "to_async_url",
 ]
 
@@ -51,6 +52,16 @@ def to_async_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url.removeprefix(prefix)
     return url
+
+
+def service_url(host: str, port: int, url: str = "", *, scheme: str = "http") -> str:
+    """How a client reaches a service: its configured ``url``, else ``scheme://host:port``
+    with a wildcard bind address (0.0.0.0, ::, empty) replaced by loopback and an IPv6
+    address bracketed."""
+    if url.strip():
+        return url.strip().rstrip("/")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 class _Section(BaseModel):
@@ -313,26 +324,19 @@ class Settings(_Section):
         """The NATS URLs to connect to: ``nats.url`` split, or the embedded server's."""
         if self.nats.url.strip():
             return [u.strip() for u in self.nats.url.split(",") if u.strip()]
-        host = "127.0.0.1" if self.nats.host in ("0.0.0.0", "::", "") else self.nats.host
-        return [f"nats://{host}:{self.nats.port}"]
+        return [service_url(self.nats.host, self.nats.port, scheme="nats")]
 
     @property
     def control_center_url(self) -> str:
         """Where other services reach the control center (JWKS, API keys, user state)."""
         cc = self.control_center
-        if cc.url:
-            return cc.url.rstrip("/")
-        host = "127.0.0.1" if cc.host in ("0.0.0.0", "::", "") else cc.host
-        return f"http://{host}:{cc.port}"
+        return service_url(cc.host, cc.port, cc.url)
 
     @property
     def orchestrator_url(self) -> str:
         """Where other services reach the orchestrator (``orchestrator.url`` or host:port)."""
         o = self.orchestrator
-        if o.url:
-            return o.url.rstrip("/")
-        host = "127.0.0.1" if o.host in ("0.0.0.0", "::", "") else o.host
-        return f"http://{host}:{o.port}"
+        return service_url(o.host, o.port, o.url)
 
     def data_path(self, configured: str, default: str) -> Path:
         """A path setting: ``configured`` (``~`` expanded; relative to the data dir), or

@@ -22,7 +22,7 @@ from provisioning.cli.output import console, err_console, render
 from provisioning.cli.state import run, state_of
 from provisioning.control_center.client import ControlCenterClient
 from provisioning.core.errors import OperationFailed, ProvisioningError, Unreachable
-from provisioning.core.settings import Settings, default_home
+from provisioning.core.settings import Settings, default_home, service_url
 from provisioning.orchestrator.client import OrchestratorClient
 from provisioning.platform.pidfile import PidFile
 
@@ -91,9 +91,7 @@ def _ports(settings: Settings) -> list[tuple[str, str, int]]:
 def _service_urls(settings: Settings) -> dict[str, str]:
     """Where clients reach each service of the platform, name → URL (recorded in the pid file)."""
     urls = {
-        name: f"http://{_client_host(host)}:{port}"
-        for name, host, port in _ports(settings)
-        if name != "nats"
+        name: service_url(host, port) for name, host, port in _ports(settings) if name != "nats"
     }
     urls["control-center"] = settings.control_center_url
     if settings.ops_keeper.url.strip():
@@ -221,7 +219,7 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    url = f"http://{_client_host(settings.orchestrator.host)}:{settings.orchestrator.port}"
+    url = service_url(settings.orchestrator.host, settings.orchestrator.port)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -237,7 +235,7 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
                 ("ops-controller", settings.ops_controller),
                 ("audit-mirror", settings.audit_mirror),
             ):
-                console.print(f"  {name:<15} http://{_client_host(sec.host)}:{sec.port}")
+                console.print(f"  {name:<15} {service_url(sec.host, sec.port)}")
             console.print(f"  nats            {', '.join(settings.nats_servers)}")
             console.print(f"  log             {log_path}")
             if first_password:
@@ -250,10 +248,6 @@ def _start_background(settings: Settings, host: str | None, port: int | None) ->
             return
         time.sleep(0.1)
     raise OperationFailed(f"the platform did not become healthy within 60 s; see {log_path}")
-
-
-def _client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _healthy(url: str) -> bool:

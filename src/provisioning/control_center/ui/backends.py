@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from provisioning.core.errors import ProvisioningError
-from provisioning.core.settings import Settings
+from provisioning.core.settings import Settings, service_url
 from provisioning.ops_keeper.client import OpsKeeperClient
 from provisioning.orchestrator.client import OrchestratorClient
 
@@ -76,10 +76,7 @@ class _Borrowed(httpx.AsyncBaseTransport):
 
 
 def _base(host: str, port: int, url: str) -> str:
-    if url:
-        return url.rstrip("/")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{host}:{port}"
+    return service_url(host, port, url)
 
 
 class Backends:
