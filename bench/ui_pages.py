@@ -21,14 +21,14 @@ not share the server's interpreter. The store is filled over the API with the ad
    timestamp of the last line shown, lines kept in the page, JS heap (CDP
    ``Performance.getMetrics``); at the end, the lag of the task's last line.
 
-``--nodelay`` serves with ``TCP_NODELAY`` on the accepted sockets. Without it the figures are
-those of the platform as it binds its ports today: ``supervisor.bind_socket`` makes its listening
-socket with ``proto`` 0, so asyncio does not set ``TCP_NODELAY`` on the connections it accepts,
-and on a kept-alive connection every answer written in two parts (headers, then body) waits
-~40 ms for the client's delayed ACK (``GET /health``: ~44 ms instead of ~2 ms).
+Every service binds its socket with ``IPPROTO_TCP`` (``supervisor.bind_socket``), so accepted
+connections have ``TCP_NODELAY``; before that a kept-alive answer waited ~40 ms for the client's
+delayed ACK (the old ``--nodelay`` flag of this script did it in the child). With
+``PRVNG_BENCH_PROFILE=FILE`` the serving child runs under cProfile and writes its stats to FILE
+when it stops (``python -m pstats FILE``).
 
-    .venv/bin/python -P bench/ui_pages.py [--nodelay] [--workflows 1000] [--dag 500] [--requests 40]
-        [--rounds 3] [--paints 5] [--rate 5000] [--seconds 10]
+    .venv/bin/python -P bench/ui_pages.py [--server-only] [--workflows 1000] [--dag 500]
+        [--requests 40] [--rounds 3] [--paints 5] [--rate 5000] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -76,20 +76,10 @@ def pct(xs: list[float], p: float) -> float:
 # ---------------------------------------------------------------------- the platform (child)
 
 
-def serve(home: Path, cc_port: int, orch_port: int, nodelay: bool) -> None:
+def serve(home: Path, cc_port: int, orch_port: int) -> None:
     from provisioning.core.settings import load_settings
     from provisioning.platform import supervisor
     from provisioning.platform.embedded import build_services
-
-    if nodelay:  # what binding with proto=IPPROTO_TCP would do: asyncio then sets TCP_NODELAY
-        bind = supervisor.bind_socket
-
-        def bind_tcp(host: str, port: int, service: str, setting: str | None = None) -> Any:
-            sock = bind(host, port, service, setting)
-            tcp = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
-            return tcp
-
-        supervisor.bind_socket = bind_tcp  # type: ignore[assignment]
 
     settings = load_settings(
         home=home,
@@ -100,18 +90,25 @@ def serve(home: Path, cc_port: int, orch_port: int, nodelay: bool) -> None:
         },
     )
     _, services = build_services(settings)
-    asyncio.run(supervisor.run_services(services))
+    profile = os.environ.get("PRVNG_BENCH_PROFILE")
+    if not profile:
+        asyncio.run(supervisor.run_services(services))
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:  # the whole serving process, written when it stops
+        asyncio.run(supervisor.run_services(services))
+    prof.dump_stats(profile)
 
 
 class Platform:
-    def __init__(self, home: Path, *, nodelay: bool = False) -> None:
+    def __init__(self, home: Path) -> None:
         self.cc_port, self.orch_port = free_port(), free_port()
         self.cc = f"http://127.0.0.1:{self.cc_port}"
         self.orch = f"http://127.0.0.1:{self.orch_port}"
+        ports = [str(self.cc_port), str(self.orch_port)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", __file__, "--serve", str(home)]
-            + [str(self.cc_port), str(self.orch_port)]
-            + (["--nodelay"] if nodelay else []),
+            [sys.executable, "-P", __file__, "--serve", str(home), *ports],
             stdout=subprocess.DEVNULL,
             stderr=open(home.parent / "serve.log", "wb"),
             start_new_session=True,
@@ -387,22 +384,20 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=5000, help="log lines per second")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument(
-        "--nodelay",
-        action="store_true",
-        help="serve with TCP_NODELAY on the accepted sockets (see the module's docstring)",
+        "--server-only", action="store_true", help="measure server time only (no Chromium)"
     )
     ap.add_argument(
         "--serve", nargs=3, metavar=("HOME", "CC_PORT", "ORCH_PORT"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
     if args.serve:
-        serve(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]), args.nodelay)
+        serve(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]))
         return
 
     rows: list[tuple[str, str, str, str]] = []  # what, figure, target, verdict
     print(f"{os.cpu_count()} cores, CPython {sys.version.split()[0]}, load at start {load()}")
     with tempfile.TemporaryDirectory() as tmp:
-        plat = Platform(Path(tmp) / "home", nodelay=args.nodelay)
+        plat = Platform(Path(tmp) / "home")
         try:
             t0 = time.perf_counter()
             dag_id = plat.fill(args.workflows, args.dag)
@@ -431,85 +426,88 @@ def main() -> None:
                         (f"server p50 {name}", f"{p50:.1f} ms (p95 {p95:.1f})", "< 50 ms", ok)
                     )
 
-            from playwright.sync_api import sync_playwright
+            if not args.server_only:
+                from playwright.sync_api import sync_playwright
 
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
-                try:
-                    ui_pages = {k: v for k, v in pages.items() if v != "/health"}
-                    got = paints(browser, plat.cc, ui_pages, args.paints)
-                    print(f"\n2. Chromium, median of {args.paints} navigations (load {load()})")
-                    print(f"{'page':28} {'response':>9} {'FP ms':>8} {'FCP ms':>8} {'FCP max':>8}")
-                    for name, d in got.items():
-                        fcp = d["first-contentful-paint"]
+                with sync_playwright() as pw:
+                    browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+                    try:
+                        ui_pages = {k: v for k, v in pages.items() if v != "/health"}
+                        got = paints(browser, plat.cc, ui_pages, args.paints)
+                        print(f"\n2. Chromium, median of {args.paints} navigations (load {load()})")
                         print(
-                            f"{name:28} {statistics.median(d['responseEnd']):9.0f} "
-                            f"{statistics.median(d['first-paint']):8.0f} "
-                            f"{statistics.median(fcp):8.0f} {max(fcp):8.0f}"
+                            f"{'page':28} {'response':>9} {'FP ms':>8} {'FCP ms':>8} {'FCP max':>8}"
                         )
-                        ok = "PASS" if statistics.median(fcp) < TARGET_PAINT_MS else "MISS"
-                        rows.append(
-                            (
-                                f"first contentful paint {name}",
-                                f"{statistics.median(fcp):.0f} ms",
-                                "< 1 s",
-                                ok,
+                        for name, d in got.items():
+                            fcp = d["first-contentful-paint"]
+                            print(
+                                f"{name:28} {statistics.median(d['responseEnd']):9.0f} "
+                                f"{statistics.median(d['first-paint']):8.0f} "
+                                f"{statistics.median(fcp):8.0f} {max(fcp):8.0f}"
                             )
-                        )
-                    res = log_follow(browser, plat, args.rate, args.seconds)
-                finally:
-                    browser.close()
-            s = res["samples"]
-            print(
-                f"\n3. log view, {args.rate} lines/s for {args.seconds} s (load {load()}); "
-                f"every ~0.5 s: lag of the last line shown, lines kept, JS heap"
-            )
-            for x in s:
-                lag = "-" if x["lag"] is None else f"{x['lag'] * 1000:7.0f} ms"
+                            ok = "PASS" if statistics.median(fcp) < TARGET_PAINT_MS else "MISS"
+                            rows.append(
+                                (
+                                    f"first contentful paint {name}",
+                                    f"{statistics.median(fcp):.0f} ms",
+                                    "< 1 s",
+                                    ok,
+                                )
+                            )
+                        res = log_follow(browser, plat, args.rate, args.seconds)
+                    finally:
+                        browser.close()
+                s = res["samples"]
                 print(
-                    f"  t+{x['t'] - s[0]['t']:5.1f}s lag {lag:>10}  kept {x['kept']:5d}  "
-                    f"heap {x['heap']:6.1f} MiB  nodes {x['nodes']:.0f}"
+                    f"\n3. log view, {args.rate} lines/s for {args.seconds} s (load {load()}); "
+                    f"every ~0.5 s: lag of the last line shown, lines kept, JS heap"
                 )
-            lags = [x["lag"] for x in s if x["lag"] is not None]
-            heaps = [x["heap"] for x in s]
-            third = max(1, len(heaps) // 3)
-            print(f"  page says: {res['count']}; last line's lag {res['end_lag']}")
-            lag50 = statistics.median(lags) if lags else float("inf")
-            rows.append(
-                (
-                    "log view: median lag while following",
-                    f"{lag50 * 1000:.0f} ms (max {max(lags, default=0) * 1000:.0f})",
-                    "< 1 s",
-                    "PASS" if lag50 < 1 else "MISS",
+                for x in s:
+                    lag = "-" if x["lag"] is None else f"{x['lag'] * 1000:7.0f} ms"
+                    print(
+                        f"  t+{x['t'] - s[0]['t']:5.1f}s lag {lag:>10}  kept {x['kept']:5d}  "
+                        f"heap {x['heap']:6.1f} MiB  nodes {x['nodes']:.0f}"
+                    )
+                lags = [x["lag"] for x in s if x["lag"] is not None]
+                heaps = [x["heap"] for x in s]
+                third = max(1, len(heaps) // 3)
+                print(f"  page says: {res['count']}; last line's lag {res['end_lag']}")
+                lag50 = statistics.median(lags) if lags else float("inf")
+                rows.append(
+                    (
+                        "log view: median lag while following",
+                        f"{lag50 * 1000:.0f} ms (max {max(lags, default=0) * 1000:.0f})",
+                        "< 1 s",
+                        "PASS" if lag50 < 1 else "MISS",
+                    )
                 )
-            )
-            end = res["end_lag"]
-            rows.append(
-                (
-                    "log view: lag of the task's last line",
-                    "-" if end is None else f"{end * 1000:.0f} ms",
-                    "< 1 s",
-                    "PASS" if end is not None and end < 1 else "MISS",
+                end = res["end_lag"]
+                rows.append(
+                    (
+                        "log view: lag of the task's last line",
+                        "-" if end is None else f"{end * 1000:.0f} ms",
+                        "< 1 s",
+                        "PASS" if end is not None and end < 1 else "MISS",
+                    )
                 )
-            )
-            kept = max(x["kept"] for x in s)
-            rows.append(
-                (
-                    "log view: lines kept (max)",
-                    str(kept),
-                    f"<= {MAX_LINES}",
-                    "PASS" if kept <= MAX_LINES else "MISS",
+                kept = max(x["kept"] for x in s)
+                rows.append(
+                    (
+                        "log view: lines kept (max)",
+                        str(kept),
+                        f"<= {MAX_LINES}",
+                        "PASS" if kept <= MAX_LINES else "MISS",
+                    )
                 )
-            )
-            mid, last = max(heaps[third : 2 * third] or heaps), max(heaps[2 * third :] or heaps)
-            rows.append(
-                (
-                    "log view: JS heap, max of last third / middle third",
-                    f"{last:.1f} / {mid:.1f} MiB",
-                    "bounded (<= 1.5x)",
-                    "PASS" if last <= 1.5 * mid else "MISS",
+                mid, last = max(heaps[third : 2 * third] or heaps), max(heaps[2 * third :] or heaps)
+                rows.append(
+                    (
+                        "log view: JS heap, max of last third / middle third",
+                        f"{last:.1f} / {mid:.1f} MiB",
+                        "bounded (<= 1.5x)",
+                        "PASS" if last <= 1.5 * mid else "MISS",
+                    )
                 )
-            )
         finally:
             plat.stop()
     print(f"\nload at end {load()}\n")

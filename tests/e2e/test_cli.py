@@ -78,6 +78,20 @@ def test_workflow_list_as_json_is_a_list_holding_the_workflow(
     assert (row["name"], row["status"]) == ("hello", "Completed")
 
 
+def test_workflow_counts_agree_with_the_listing(platform: Platform, hello: dict[str, Any]) -> None:
+    run = {"data_dir": platform.data_dir, "url": platform.url}
+    listed = prvng("--output", "json", "workflow", "list", "--limit", "1000", **run)
+    counted = prvng("--output", "json", "workflow", "counts", **run)
+    table = prvng("workflow", "counts", "--since", hello["created_at"], **run)
+    assert listed.returncode == counted.returncode == table.returncode == 0, show(table)
+    by_status: dict[str, int] = {}
+    for row in json.loads(listed.stdout):
+        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+    data = json.loads(counted.stdout)
+    assert data == {"total": sum(by_status.values()), "by_status": by_status}
+    assert "Completed" in table.stdout and "total" in table.stdout, show(table)
+
+
 def test_workflow_show_prints_the_workflow_and_its_tasks(
     platform: Platform, hello: dict[str, Any]
 ) -> None:

@@ -113,6 +113,39 @@ async def test_the_graph_shows_each_tasks_state_and_refreshes_only_while_running
     assert 'hx-swap="outerHTML"' in running.text
 
 
+async def test_a_big_workflow_shows_every_node_and_a_table_of_the_tasks_that_matter(
+    platform: Platform,
+) -> None:
+    """130 tasks: the graph has all of them, the table the first 100 with the failed one (the
+    129th) among them, and "Show all" gives 130 rows, kept across the live refresh. The
+    workflow's name is free text: it reaches the SVG escaped."""
+    p = platform
+    tasks: list[dict[str, Any]] = [{"name": f"t{i:03}", "action": "noop"} for i in range(130)]
+    tasks[128] = {"name": "t128", "action": "fail", "on_failure": "continue"}
+    name = '<b onmouseover="x()">big</b>'
+    wf = await p.workflow({"name": name, "tasks": tasks})
+    await finished(p, wf["id"])
+    b = await p.browser()
+
+    page = await b.get(f"/ui/workflows/{wf['id']}")
+    assert page.status_code == 200
+    assert len(re.findall(r'<g class="dag-node ', page.text)) == 130
+    rows = re.findall(r'<tr data-task="([^"]+)" data-status="([^"]+)"', page.text)
+    assert len(rows) == 100
+    assert ("t128", "Failed") in rows
+    assert [n for n, _ in rows] == sorted(n for n, _ in rows)  # in the workflow's order
+    assert "Showing 100 of 130 tasks" in page.text
+    assert f'href="/ui/workflows/{wf["id"]}?tasks=all#tasks-table"' in page.text
+    assert name not in page.text and "&lt;b onmouseover=&#34;x()&#34;&gt;big&lt;/b&gt;" in page.text
+
+    every = await b.get(f"/ui/workflows/{wf['id']}?tasks=all")
+    assert len(re.findall(r'<tr data-task="', every.text)) == 130
+    assert "Showing" not in every.text
+    assert f'hx-get="/ui/workflows/{wf["id"]}/live?tasks=all"' in every.text
+    live = await b.get(f"/ui/workflows/{wf['id']}/live?tasks=all")
+    assert len(re.findall(r'<tr data-task="', live.text)) == 130
+
+
 async def test_a_task_shows_its_attempts_outputs_and_its_log(platform: Platform) -> None:
     p = platform
     wf = await finished(p, (await p.workflow(LINES))["id"])

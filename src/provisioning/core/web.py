@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -32,9 +33,33 @@ __all__ = [
 log = get_logger("web")
 
 
+def _encode_other(obj: Any) -> Any:
+    # What the C encoder does not know (datetime, Enum, pydantic models, sets, paths…) goes
+    # through FastAPI's encoder; the plain dicts, lists and strings that make up nearly every
+    # answer never do. Walking a 500-task workflow with ``jsonable_encoder`` took ~35 % of the
+    # time of the UI's DAG page (docs/performance.md). Datetimes, the most common, go straight.
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    return jsonable_encoder(obj)
+
+
+class EnvelopeResponse(JSONResponse):
+    """JSON as ``JSONResponse`` writes it, encoded in one pass by the C encoder."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content,
+            ensure_ascii=False,
+            allow_nan=False,
+            indent=None,
+            separators=(",", ":"),
+            default=_encode_other,
+        ).encode("utf-8")
+
+
 def envelope(data: Any, status: int = 200) -> JSONResponse:
     """A success answer."""
-    return JSONResponse({"success": True, "data": jsonable_encoder(data)}, status_code=status)
+    return EnvelopeResponse({"success": True, "data": data}, status_code=status)
 
 
 def error_response(err: ProvisioningError) -> JSONResponse:

@@ -7,7 +7,7 @@ back as the same typed errors the server raised; a connection failure is :class:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -96,14 +96,25 @@ class OrchestratorClient:
         params = {k: v for k, v in filters.items() if v is not None}
         return list(await self._call("GET", "/workflows", params=params))
 
+    async def count_workflows(self, **filters: Any) -> dict[str, Any]:
+        """``{"total": n, "by_status": {status: n}}`` over every workflow the filters
+        (``kind``, ``owner``, ``since``) select and the caller may see."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        return dict(await self._call("GET", "/workflows/counts", params=params))
+
     async def find_workflow(self, idempotency_key: str) -> dict[str, Any] | None:
         """The workflow submitted with this idempotency key (``op:<op id>`` for one made from
         a signed operation), without its tasks; None when there is none (or not yours)."""
         found = await self._call("GET", "/workflows", params={"idempotency_key": idempotency_key})
         return dict(found[0]) if found else None
 
-    async def get_workflow(self, workflow_id: str) -> dict[str, Any]:
-        return dict(await self._call("GET", f"/workflows/{workflow_id}"))
+    async def get_workflow(
+        self, workflow_id: str, *, tasks: Literal["full", "brief", "none"] = "full"
+    ) -> dict[str, Any]:
+        """The workflow and its tasks. ``tasks="brief"``: without attempts, outputs and command
+        (``attempt_count`` instead), much lighter for a big workflow; ``"none"``: no tasks."""
+        params = None if tasks == "full" else {"tasks": tasks}
+        return dict(await self._call("GET", f"/workflows/{workflow_id}", params=params))
 
     async def action(self, workflow_id: str, action: str) -> dict[str, Any]:
         """cancel | pause | resume | retry | rollback."""

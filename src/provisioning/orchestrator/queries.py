@@ -58,12 +58,43 @@ def task_owner(conn: Connection, task_id: str) -> tuple[str, str | None]:
     return str(row.workflow_id), None if row.owner is None else str(row.owner)
 
 
-def get_workflow(conn: Connection, wf_id: str, with_tasks: bool) -> dict[str, Any]:
+#: The columns of a task in the brief view (``GET /workflows/{id}?tasks=brief``).
+_BRIEF = (
+    tasks.c.id,
+    tasks.c.name,
+    tasks.c.status,
+    tasks.c.depends_on,
+    tasks.c.attempt_seq,
+    tasks.c.error,
+    tasks.c.started_at,
+    tasks.c.finished_at,
+)
+
+
+def get_workflow(
+    conn: Connection, wf_id: str, with_tasks: bool, brief: bool = False
+) -> dict[str, Any]:
     row = conn.execute(select(workflows).where(workflows.c.id == wf_id)).first()
     if row is None:
         raise NotFound(f"workflow {wf_id} not found", workflow_id=wf_id)
     doc = workflow_doc(row, task_counts(conn, [wf_id]).get(wf_id, {}))
-    if with_tasks:
+    if with_tasks and brief:
+        doc["tasks"] = [
+            {
+                "id": r.id,
+                "name": r.name,
+                "status": r.status,
+                "depends_on": r.depends_on,
+                "attempt_count": int(r.attempt_seq),
+                "error": r.error,
+                "started_at": as_utc(r.started_at),
+                "finished_at": as_utc(r.finished_at),
+            }
+            for r in conn.execute(
+                select(*_BRIEF).where(tasks.c.workflow_id == wf_id).order_by(tasks.c.ord)
+            )
+        ]
+    elif with_tasks:
         rows = conn.execute(
             select(tasks).where(tasks.c.workflow_id == wf_id).order_by(tasks.c.ord)
         ).all()
@@ -93,6 +124,23 @@ def list_workflows(
     rows = conn.execute(q.limit(limit).offset(offset)).all()
     counts = task_counts(conn, [r.id for r in rows])
     return [workflow_doc(r, counts.get(r.id, {})) for r in rows]
+
+
+def count_workflows(
+    conn: Connection,
+    kind: str | None,
+    owner: str | None,
+    since: datetime | None,
+) -> dict[str, int]:
+    """How many workflows are in each status (one ``GROUP BY``, no rows read out)."""
+    q = select(workflows.c.status, func.count()).group_by(workflows.c.status)
+    if kind:
+        q = q.where(workflows.c.kind == kind)
+    if owner:
+        q = q.where(workflows.c.owner == owner)
+    if since:
+        q = q.where(workflows.c.created_at >= since)
+    return {status: int(n) for status, n in conn.execute(q)}
 
 
 def get_task(conn: Connection, task_id: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
@@ -145,12 +145,43 @@ def build_router(
         )
         return envelope(rows)
 
+    @r.get(
+        "/workflows/counts",
+        tags=["workflows"],
+        summary="How many workflows are in each status (all of them, not a page)",
+    )
+    async def count_workflows(
+        kind: WorkflowKind | None = None,
+        owner: Annotated[str | None, Query(max_length=200)] = None,
+        since: datetime | None = None,
+        who: Identity = need("workflow:read"),
+    ) -> Response:
+        if not may_see_all(who, "workflow:read"):
+            owner = who.subject
+        by_status = await store.count_workflows(
+            kind=kind.value if kind else None, owner=owner, since=since
+        )
+        return envelope({"total": sum(by_status.values()), "by_status": by_status})
+
     @r.get("/workflows/{workflow_id}", tags=["workflows"], summary="A workflow and its tasks")
     async def get_workflow(
-        workflow_id: Id, request: Request, who: Identity = need("workflow:read")
+        workflow_id: Id,
+        request: Request,
+        tasks: Annotated[
+            Literal["full", "brief", "none"],
+            Query(
+                description="full: each task with its attempts, outputs and command; brief: "
+                "id, name, status, depends_on, attempt_count, error and times only; none: "
+                "no tasks (task_counts only)."
+            ),
+        ] = "full",
+        who: Identity = need("workflow:read"),
     ) -> Response:
         await workflow_object(request, who, workflow_id, "workflow:read")
-        return envelope(await store.get_workflow(workflow_id))
+        doc = await store.get_workflow(
+            workflow_id, with_tasks=tasks != "none", brief=tasks == "brief"
+        )
+        return envelope(doc)
 
     async def _act(request: Request, who: Identity, workflow_id: str, action: str) -> Response:
         await workflow_object(request, who, workflow_id, _ACTION_OF[action])

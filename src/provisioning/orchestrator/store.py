@@ -75,14 +75,17 @@ class WorkflowStore:
 
     # ------------------------------------------------------------------ reads
 
-    async def get_workflow(self, workflow_id: str, *, with_tasks: bool = True) -> dict[str, Any]:
-        """The workflow as the API shows it.
+    async def get_workflow(
+        self, workflow_id: str, *, with_tasks: bool = True, brief: bool = False
+    ) -> dict[str, Any]:
+        """The workflow as the API shows it; ``brief``: each task without its attempts,
+        outputs and command, with ``attempt_count`` instead (what a graph of it needs).
 
         Raises:
             NotFound: no workflow has this id.
         """
         return await self.db.run_read(
-            partial(queries.get_workflow, wf_id=workflow_id, with_tasks=with_tasks)
+            partial(queries.get_workflow, wf_id=workflow_id, with_tasks=with_tasks, brief=brief)
         )
 
     async def workflow_owner(self, workflow_id: str) -> str | None:
@@ -121,6 +124,18 @@ class WorkflowStore:
                 limit=limit,
                 offset=offset,
             )
+        )
+
+    async def count_workflows(
+        self,
+        *,
+        kind: str | None = None,
+        owner: str | None = None,
+        since: datetime | None = None,
+    ) -> dict[str, int]:
+        """Workflows per status (statuses with none are absent)."""
+        return await self.db.run_read(
+            partial(queries.count_workflows, kind=kind, owner=owner, since=since)
         )
 
     async def get_task(self, task_id: str) -> dict[str, Any]:

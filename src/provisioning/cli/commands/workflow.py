@@ -309,7 +309,7 @@ async def _wait(
         lost_since: float | None = None
         while True:
             try:
-                wf = await c.get_workflow(wf_id)
+                wf = await c.get_workflow(wf_id, tasks="none")  # task_counts are enough
                 lost_since = None
             except Unreachable:
                 # A restarting orchestrator (crash, upgrade) is not the workflow failing: keep
@@ -339,7 +339,7 @@ async def _wait(
                 print(line, file=sys.stderr, flush=True)
                 last = line
             if wf["status"] in _ENDED:
-                return wf
+                return await c.get_workflow(wf_id)  # with its tasks, for the report
             if time.monotonic() > deadline:
                 raise OperationFailed(f"gave up waiting for workflow {wf_id} after {timeout_s:g}s")
             await asyncio.sleep(0.5)
@@ -367,6 +367,31 @@ def list_(
 
     data = run(go())
     render(_rows(data) if st.output is OutputFormat.TABLE else data, st.output, columns=WF_COLUMNS)
+
+
+@app.command()
+def counts(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Option(help="Only this kind, e.g. custom, batch.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this owner.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only those created from this time (ISO 8601).")
+    ] = None,
+) -> None:
+    """How many workflows are in each status: all of them, not a page."""
+    st = state_of(ctx)
+
+    async def go() -> dict[str, Any]:
+        async with st.client() as c:
+            return await c.count_workflows(kind=kind, owner=owner, since=since)
+
+    data = run(go())
+    if st.output is not OutputFormat.TABLE:
+        render(data, st.output)
+        return
+    rows = [{"status": k, "workflows": n} for k, n in sorted(data["by_status"].items())]
+    rows.append({"status": "total", "workflows": data["total"]})
+    render(rows, st.output, columns=[("status", "STATUS"), ("workflows", "WORKFLOWS")])
 
 
 @app.command()
@@ -461,7 +486,7 @@ def logs(
                 ended = False
                 if follow:
                     # Read the state before the lines: once it says ended, this read is the last.
-                    wf = await c.get_workflow(workflow_id)
+                    wf = await c.get_workflow(workflow_id, tasks="brief")
                     ended = wf["status"] in _ENDED and all(
                         t["status"] in _TASK_DONE for t in wf["tasks"] if t["id"] in cursors
                     )

@@ -38,7 +38,7 @@ from provisioning.control_center.ui.sessions import (
     UiSession,
     bearer_request,
 )
-from provisioning.control_center.ui.templating import STATIC_DIR, Templates
+from provisioning.control_center.ui.templating import PREFIX, STATIC_DIR, Templates
 from provisioning.control_center.workspace_config import WorkspaceConfig
 from provisioning.core.auth import Guard, Identity, _type_of
 from provisioning.core.errors import Forbidden, ProvisioningError, Unauthorized
@@ -50,7 +50,6 @@ __all__ = ["PREFIX", "LoginRequired", "NavItem", "WebUI", "mount_ui"]
 
 log = get_logger("control_center.ui")
 
-PREFIX = "/ui"
 _UNSET = object()
 
 

@@ -177,7 +177,7 @@ class Backends:
             results = await asyncio.gather(
                 orch.list_workflows(status="Running", limit=10),
                 orch.list_workflows(limit=10),
-                orch.list_workflows(since=since.isoformat(), limit=1000),
+                orch.count_workflows(since=since.isoformat()),
                 return_exceptions=True,
             )
         for result in results:
@@ -188,9 +188,8 @@ class Backends:
             out.errors.append(_say("orchestrator", running))
         elif isinstance(running, list) and isinstance(recent, list):
             out.running, out.recent = running, recent
-        if isinstance(day, list):
-            for wf in day:
-                out.counts[wf["status"]] = out.counts.get(wf["status"], 0) + 1
+        if isinstance(day, dict):
+            out.counts = dict(day["by_status"])
             finished = sum(out.counts.get(s, 0) for s in _FINISHED)
             failed_n = sum(out.counts.get(s, 0) for s in _FAILED)
             out.failure_rate = failed_n / finished if finished else None

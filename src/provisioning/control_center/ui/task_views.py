@@ -60,7 +60,7 @@ def build_task_router(ui: WebUI) -> APIRouter:
         _check_id(task_id, "task")
         async with ui.backends.orchestrator(session.token) as orch:
             task = await orch.get_task(task_id)
-            wf = await orch.get_workflow(str(task["workflow_id"]))
+            wf = await orch.get_workflow(str(task["workflow_id"]), tasks="none")
         return {
             "task": task,
             "wf": wf,
@@ -196,8 +196,8 @@ def build_task_router(ui: WebUI) -> APIRouter:
         hits: list[dict[str, Any]] = []
         note = ""
         async with ui.backends.orchestrator(session.token) as orch:
-            wf = await orch.get_workflow(workflow_id)
-            tasks = [t for t in wf.get("tasks", []) if t.get("attempts")]
+            wf = await orch.get_workflow(workflow_id, tasks="brief")
+            tasks = [t for t in wf.get("tasks", []) if t.get("attempt_count")]
             if len(tasks) > SEARCH_TASKS:
                 note = f"Searched the first {SEARCH_TASKS} of {len(tasks)} tasks that ran."
                 tasks = tasks[:SEARCH_TASKS]

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from starlette.responses import HTMLResponse
 
-__all__ = ["STATIC_DIR", "TEMPLATE_DIR", "Templates"]
+__all__ = ["PREFIX", "STATIC_DIR", "TEMPLATE_DIR", "Templates", "status_class"]
 
 HERE = Path(__file__).parent
 TEMPLATE_DIR = HERE / "templates"
 STATIC_DIR = HERE / "static"
+
+PREFIX = "/ui"  # where the web UI is mounted in the control center
 
 
 def _parse(value: Any) -> datetime | None:
@@ -62,8 +65,10 @@ def duration(start: Any, end: Any = None) -> str:
     return f"{int(secs // 3600)} h {int(secs % 3600 // 60)} min"
 
 
+@lru_cache(maxsize=64)
 def status_class(status: Any) -> str:
-    """CSS class of a workflow/task state: ``st-running``, ``st-failed``…"""
+    """CSS class of a workflow/task state: ``st-running``, ``st-failed``… (a handful of values,
+    asked for thousands of times on a big workflow's page)."""
     return "st-" + "".join(c for c in str(status).lower() if c.isalnum())
 
 

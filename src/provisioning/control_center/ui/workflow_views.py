@@ -15,7 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from provisioning.control_center.ui.dag_layout import layout
+from provisioning.control_center.ui.dag_svg import render_svg
 from provisioning.control_center.ui.sessions import UiSession
+from provisioning.control_center.ui.templating import PREFIX
 from provisioning.core.errors import NotFound, ProvisioningError
 from provisioning.core.rbac import Resource
 from provisioning.orchestrator.api import WorkflowKind, WorkflowStatus
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["ACTIONS", "Filters", "build_workflow_router"]
 
 PAGE = 50
+#: Rows of the tasks table shown before "Show all": the graph already shows every task, and a
+#: 500-row table redrawn every two seconds was half of a big workflow's page time.
+TASK_ROWS = 100
 SINCE = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7),
          "30d": timedelta(days=30)}  # fmt: skip
 STATES = [s.value for s in WorkflowStatus]
@@ -124,22 +129,28 @@ def build_workflow_router(ui: WebUI) -> APIRouter:
         data = await listing(session, Filters.of(request))
         return ui.page(request, "_workflow_rows.html", session, **data)
 
-    async def detail(session: UiSession, workflow_id: str) -> dict[str, Any]:
+    async def detail(session: UiSession, workflow_id: str, request: Request) -> dict[str, Any]:
         if not _ID.fullmatch(workflow_id):
             raise NotFound(f"workflow {workflow_id} not found")
         async with ui.backends.orchestrator(session.token) as orch:
-            wf = await orch.get_workflow(workflow_id)
+            wf = await orch.get_workflow(workflow_id, tasks="brief")
         resource = Resource("Workflow", wf["id"], owner=wf.get("owner"))
         buttons = [
             name
             for name, (action, states) in ACTIONS.items()
             if wf["status"] in states and ui.may(session.identity, action, resource)
         ]
+        tasks = wf.get("tasks", [])
+        graph = layout(tasks)
+        all_rows = request.query_params.get("tasks") == "all"
         return {
             "wf": wf,
             "buttons": buttons,
             "names": await usernames([wf.get("owner")]),
-            "graph": layout(wf.get("tasks", [])),
+            "graph": graph,
+            "svg": render_svg(graph, prefix=PREFIX, title=str(wf.get("name", ""))),
+            "task_rows": tasks if all_rows else _first_rows(tasks),
+            "all_rows": all_rows,
             "finished": wf["status"] in FINISHED,
             "may_logs": ui.may(session.identity, "task:logs", resource),
         }
@@ -147,7 +158,7 @@ def build_workflow_router(ui: WebUI) -> APIRouter:
     @r.get("/workflows/{workflow_id}")
     async def workflow(request: Request, workflow_id: str) -> Response:
         session = await ui.require(request, "workflow:read")
-        data = await detail(session, workflow_id)
+        data = await detail(session, workflow_id, request)
         done = request.query_params.get("done", "")
         return ui.page(
             request,
@@ -163,7 +174,7 @@ def build_workflow_router(ui: WebUI) -> APIRouter:
     @r.get("/workflows/{workflow_id}/live")
     async def workflow_live(request: Request, workflow_id: str) -> Response:
         session = await ui.require(request, "workflow:read")
-        data = await detail(session, workflow_id)
+        data = await detail(session, workflow_id, request)
         return ui.page(request, "_workflow_live.html", session, **data)
 
     @r.post("/workflows/{workflow_id}/{button}")
@@ -177,7 +188,7 @@ def build_workflow_router(ui: WebUI) -> APIRouter:
         except ProvisioningError as exc:
             if isinstance(exc, NotFound):
                 raise
-            data = await detail(session, workflow_id)
+            data = await detail(session, workflow_id, request)
             return ui.page(
                 request,
                 "workflow.html",
@@ -192,3 +203,16 @@ def build_workflow_router(ui: WebUI) -> APIRouter:
         return RedirectResponse(f"/ui/workflows/{workflow_id}?done={button}", status_code=303)
 
     return r
+
+
+def _first_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the tasks table shows by default: every task that failed or is running (what
+    someone opening a big workflow looks for), then the others in order, ``TASK_ROWS`` in all."""
+    if len(tasks) <= TASK_ROWS:
+        return tasks
+    urgent = {"Failed", "Running", "Cancelled", "RolledBack"}
+    first = [t for t in tasks if t.get("status") in urgent][:TASK_ROWS]
+    picked = {id(t) for t in first}
+    rest = [t for t in tasks if id(t) not in picked][: TASK_ROWS - len(first)]
+    keep = {id(t) for t in first + rest}
+    return [t for t in tasks if id(t) in keep]  # in the workflow's order
