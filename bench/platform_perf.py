@@ -172,15 +172,50 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path, timeout
     raise RuntimeError(f"{url} not healthy within {timeout}s")
 
 
+def _cpu(proc: psutil.Process, children: bool) -> float:
+    """CPU seconds of the process (``children``: of its reaped children instead)."""
+    with contextlib.suppress(psutil.Error):
+        t = proc.cpu_times()
+        return t.children_user + t.children_system if children else t.user + t.system
+    return 0.0
+
+
+def cpu_snapshot(worker_pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the workers (their own, and their tasks' subprocesses once
+    reaped), of PostgreSQL (every ``postgres`` process, plus what the postmaster reaped of its
+    exited backends) and of the whole machine (busy and all)."""
+    workers_own = sum(_cpu(psutil.Process(pid), False) for pid in worker_pids)
+    tasks = sum(_cpu(psutil.Process(pid), True) for pid in worker_pids)
+    pg = 0.0
+    for p in psutil.process_iter(["name", "ppid"]):
+        if p.info["name"] == "postgres":
+            pg += _cpu(p, False)
+            if p.info["ppid"] == 1 or (p.info["ppid"] and _name(p.info["ppid"]) != "postgres"):
+                pg += _cpu(p, True)  # the postmaster: its exited backends
+    total = psutil.cpu_times()
+    busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
+    return {"workers": workers_own, "tasks": tasks, "pg": pg, "busy": busy}
+
+
+def _name(pid: int) -> str:
+    try:
+        return str(psutil.Process(pid).name())
+    except psutil.Error:
+        return ""
+
+
 async def run_dag(
     n_workers: int, state_url: str, root: Path, spec: dict[str, Any], parallel: int, poll: float
-) -> tuple[float, dict[str, int]]:
-    """Seconds from POST /workflows to Completed, and attempts per worker."""
+) -> tuple[float, dict[str, int], dict[str, float]]:
+    """Seconds from POST /workflows to Completed, attempts per worker, and CPU seconds spent
+    meanwhile (``cpu_snapshot``'s keys)."""
     with workers(n_workers, state_url, root, parallel, poll) as ws:
         dsn = state_url.replace("postgresql+asyncpg://", "postgresql://")
         conn = await asyncpg.connect(dsn)
+        pids = [proc.pid for _, _, proc in ws]
         try:
             async with httpx.AsyncClient(timeout=60) as http:
+                cpu0 = cpu_snapshot(pids)
                 t0 = time.perf_counter()
                 r = await http.post(f"{ws[0][1]}/workflows", json=spec)
                 r.raise_for_status()
@@ -196,6 +231,7 @@ async def run_dag(
                         raise RuntimeError(f"workflow still {status} after 600 s")
                     await asyncio.sleep(0.02)
                 elapsed = time.perf_counter() - t0
+                cpu1 = cpu_snapshot(pids)
             if status != "Completed":
                 raise RuntimeError(f"workflow ended {status}")
             rows = await conn.fetch(
@@ -206,7 +242,8 @@ async def run_dag(
             )
         finally:
             await conn.close()
-    return elapsed, {str(r["worker"]): int(r["n"]) for r in rows}
+    spent = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    return elapsed, {str(r["worker"]): int(r["n"]) for r in rows}, spent
 
 
 async def bench_dag(args: argparse.Namespace, root: Path, pg: PgScratch) -> dict[str, Any]:
@@ -215,12 +252,13 @@ async def bench_dag(args: argparse.Namespace, root: Path, pg: PgScratch) -> dict
     times: dict[int, list[float]] = {1: [], 2: []}
     loads: list[str] = []
     split: dict[str, int] = {}
+    cpus: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     for r in range(args.rounds):
         for k in (1, 2) if r % 2 == 0 else (2, 1):  # alternate the order across rounds
             url = args.state_url or await pg.create()
             try:
                 before = load()
-                el, per = await run_dag(
+                el, per, spent = await run_dag(
                     k, url, root / f"dag-{r}-{k}", spec, args.parallel, args.poll_interval
                 )
             finally:
@@ -230,9 +268,13 @@ async def bench_dag(args: argparse.Namespace, root: Path, pg: PgScratch) -> dict
             loads.append(before)
             if k == 2:
                 split = per
+            cpus[k].append(spent)
+            ms = {key: v * 1000 / n for key, v in spent.items()}
             print(
                 f"  round {r + 1} {k} worker(s): {el:6.2f} s  {n / el:7.1f} tasks/s  {per}  "
-                f"({before})",
+                f"({before})\n      CPU per task: worker(s) {ms['workers']:.2f} ms, their "
+                f"`true` subprocesses {ms['tasks']:.2f} ms, PostgreSQL {ms['pg']:.2f} ms; "
+                f"machine busy {spent['busy'] / el:.2f} of {os.cpu_count()} cores",
                 flush=True,
             )
     one = n / statistics.median(times[1])
@@ -246,6 +288,7 @@ async def bench_dag(args: argparse.Namespace, root: Path, pg: PgScratch) -> dict
         "paired": paired,
         "split": split,
         "loads": loads,
+        "cpus": cpus,
     }
 
 
@@ -462,6 +505,16 @@ async def main() -> None:
         )
         print("  per-round ratios two / one: " + ", ".join(f"{x:.2f}" for x in dag["paired"]))
         print(f"  loads: {', '.join(dag['loads'])}")
+        n = args.layers * args.width
+        cores = os.cpu_count() or 1
+        for k in (1, 2):
+            busy = statistics.median(c["busy"] for c in dag["cpus"][k]) / n  # s per task
+            own = statistics.median(c["workers"] for c in dag["cpus"][k]) / n
+            print(
+                f"  {k} worker(s): the machine spent {busy * 1000:.2f} ms of CPU per task "
+                f"(the worker processes themselves {own * 1000:.2f} ms): at most "
+                f"{cores / busy:.0f} tasks/s on {cores} cores if CPU is the limit"
+            )
         rows.append(
             (
                 "DAG two / one, ratio of medians",

@@ -44,17 +44,29 @@ class LogWriter:
 
     def __init__(self, path: Path, notify: Callable[[], None]) -> None:
         self.path = path
-        try:
-            self._fd: int | None = os.open(path, _LOG_FLAGS, 0o666)
-        except FileNotFoundError:  # the workflow's first attempt here: make its folder
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, _LOG_FLAGS, 0o666)
+        self._fd: int | None = None
+        self._closed = False
         self._n = 0
         self._notify = notify
 
+    def open(self) -> None:
+        """Create the file (and the workflow's folder) unless done. Thread-safe against the
+        event loop as long as the loop does not use the writer meanwhile: ``_spawn`` calls it
+        in its thread, since creating a file takes ~0.6 ms on some disks (docs/performance.md)."""
+        if self._fd is not None or self._closed:
+            return
+        try:
+            self._fd = os.open(self.path, _LOG_FLAGS, 0o666)
+        except FileNotFoundError:  # the workflow's first attempt here: make its folder
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, _LOG_FLAGS, 0o666)
+
     def write(self, stream: str, line: str) -> None:
-        if self._fd is None:
+        if self._closed:
             raise ValueError(f"log {self.path} is closed")
+        if self._fd is None:
+            self.open()
+        assert self._fd is not None
         self._n += 1
         doc = {"n": self._n, "ts": utcnow().isoformat(), "stream": stream, "line": line}
         data = (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
@@ -65,6 +77,7 @@ class LogWriter:
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
+        self._closed = True
         if fd is not None:
             os.close(fd)
         self._notify()
@@ -293,17 +306,19 @@ class AttemptRunner:
         env = _environment(claim, out_path, self._base_env)
         timeout = float(claim.spec.get("timeout_s", 300))
         cwd = claim.spec.get("cwd") or None
-        log.write("system", f"{claim.phase} attempt {claim.attempt}: {_show(argv)}")
+        header = f"{claim.phase} attempt {claim.attempt}: {_show(argv)}"
         if cwd is not None and not Path(cwd).is_dir():
             msg = f"working directory {cwd!r} does not exist"
+            log.write("system", header)
             log.write("system", msg)
             return Result(
                 claim.task_id, claim.attempt, claim.phase, ok=False, exit_code=127, error=msg
             )
         try:
-            proc = _spawn(argv, env, cwd, log)
+            proc = await _spawn(argv, env, cwd, log, header)
         except OSError as exc:
             msg = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
+            log.write("system", header)
             log.write("system", msg)
             return Result(
                 claim.task_id, claim.attempt, claim.phase, ok=False, exit_code=127, error=msg
@@ -390,8 +405,13 @@ def _environment(
     return env
 
 
-def _spawn(argv: list[str], env: dict[bytes, bytes], cwd: str | None, log: LogWriter) -> _Child:
-    """Start the process in a session of its own, stdout and stderr on pipes of their own."""
+_Started = tuple[subprocess.Popen[bytes], int, int]
+
+
+def _popen(argv: list[str], env: dict[bytes, bytes], cwd: str | None, log: LogWriter) -> _Started:
+    """Create the attempt's log file, then start the process in a session of its own, stdout
+    and stderr on pipes of their own (blocking: run in a thread)."""
+    log.open()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
@@ -410,7 +430,39 @@ def _spawn(argv: list[str], env: dict[bytes, bytes], cwd: str | None, log: LogWr
         raise
     os.close(out_w)
     os.close(err_w)
+    return popen, out_r, err_r
+
+
+async def _spawn(
+    argv: list[str], env: dict[bytes, bytes], cwd: str | None, log: LogWriter, header: str
+) -> _Child:
+    """Start the attempt's process, with ``header`` as the log's first line.
+
+    The log file's creation and the fork/exec run in a thread: each takes ~0.5 ms on this
+    kind of disk and machine, during which the event loop (every other attempt, the claims,
+    the API) would stand still; it was a third of a worker's time on a DAG of `true` tasks.
+    Cancelled meanwhile, the process started anyway is killed and reaped.
+    """
+    started = asyncio.get_running_loop().run_in_executor(None, _popen, argv, env, cwd, log)
+    try:
+        popen, out_r, err_r = await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_discard_started)
+        raise
+    log.write("system", header)  # before the loop reads any of the process's output
     return _Child(popen, out_r, err_r, log)
+
+
+def _discard_started(done: asyncio.Future[_Started]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    popen, out_r, err_r = done.result()
+    with contextlib.suppress(OSError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    for fd in (out_r, err_r):
+        os.close(fd)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(5)
 
 
 _DEVNULL: list[int] = []
