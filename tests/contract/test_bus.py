@@ -6,6 +6,8 @@ survive a server restart (JetStream on disk, sync_interval always)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -150,6 +152,46 @@ async def test_messages_survive_a_server_restart(server: EmbeddedNats, bus: Nats
         assert len(await other.fetch(10, timeout_s=2)) == 5
     finally:
         await again.close()
+
+
+async def test_a_killed_server_is_restarted_and_the_bus_carries_on(
+    server: EmbeddedNats, bus: NatsBus
+) -> None:
+    """kill -9 of the supervised nats-server: the platform starts it again (backoff), the
+    connected bus reconnects by itself, and nothing acknowledged before the crash is lost."""
+    server.restart_initial_s = 0.1
+    for n in range(3):
+        await bus.publish("ops.audit.completed", f"before-{n}".encode(), msg_id=f"b{n}")
+    assert server.proc is not None
+    first = server.proc.pid
+    os.kill(first, signal.SIGKILL)
+
+    deadline = time.monotonic() + 30
+    while server.restarts < 1 or server.proc is None or server.proc.poll() is not None:
+        assert time.monotonic() < deadline, "nats-server was not restarted within 30 s"
+        await asyncio.sleep(0.1)
+    assert server.proc.pid != first
+    sent = 0
+    while sent < 3:  # the client reconnects on its own; a publish during that may fail
+        assert time.monotonic() < deadline, f"published {sent} of 3 after the restart"
+        try:
+            await bus.publish("ops.audit.completed", f"after-{sent}".encode(), msg_id=f"a{sent}")
+            sent += 1
+        except Exception:
+            await asyncio.sleep(0.2)
+    consumer = await bus.consumer("OPS_AUDIT", "audit-mirror")
+    got: list[bytes] = []
+    while len(got) < 6 and time.monotonic() < deadline:
+        for d in await consumer.fetch(10, timeout_s=1):
+            got.append(d.data)
+            await d.ack()
+    assert got == [f"before-{n}".encode() for n in range(3)] + [
+        f"after-{n}".encode() for n in range(3)
+    ]
+
+    await server.stop()  # stopping is not a crash: no restart follows
+    await asyncio.sleep(0.5)
+    assert server.proc is None and server.restarts == 1
 
 
 async def test_errors_name_what_is_wrong(tmp_path: Path) -> None:

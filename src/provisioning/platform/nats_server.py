@@ -46,14 +46,26 @@ def nats_server_binary() -> Path:
 
 
 class EmbeddedNats:
-    """One supervised nats-server process (a platform :class:`Service` without HTTP)."""
+    """One supervised nats-server process (a platform :class:`Background` unit).
+
+    Once started it is watched: if it exits on its own (crash, ``kill -9``, OOM killer) the
+    exit is logged and it is started again after ``restart_initial_s``, doubling up to
+    ``restart_max_s`` while it keeps failing (back to the start after a minute up). JetStream
+    keeps its store on disk, so the streams come back with it, and the platform's clients
+    reconnect by themselves. ``restarts`` counts the restarts.
+    """
 
     name = "nats"
+    restart_initial_s = 0.5
+    restart_max_s = 30.0
+    _STABLE_S = 60.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.dir = settings.home / "nats"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def host(self) -> str:
@@ -84,12 +96,53 @@ class EmbeddedNats:
         return conf
 
     async def start(self, timeout_s: float = 20.0) -> None:
-        """Start the server and wait until it accepts connections.
+        """Start the server, wait until it accepts connections, and watch it from then on.
 
         Raises:
             ConfigError: no binary, or the port is taken (named).
             Unreachable: it did not come up within ``timeout_s`` (its log is quoted).
         """
+        await self._launch(timeout_s)
+        self._watcher = asyncio.create_task(self._watch(), name="nats-server-watch")
+
+    async def _watch(self) -> None:
+        """Restart the server each time it exits on its own, with backoff; ends at stop()."""
+        delay = 0.0
+        while True:
+            proc = self.proc
+            if proc is None:
+                return
+            up_since = time.monotonic()
+            while proc.poll() is None:
+                await asyncio.sleep(0.2)
+            if self.proc is not proc:  # stop() took it
+                return
+            delay = (
+                self.restart_initial_s
+                if delay == 0.0 or time.monotonic() - up_since > self._STABLE_S
+                else min(delay * 2, self.restart_max_s)
+            )
+            self.restarts += 1
+            log.error(
+                "nats-server exited; restarting it",
+                extra={"code": proc.returncode, "restart": self.restarts, "delay_s": delay},
+            )
+            self.proc = None
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self._launch(20.0)
+                except (ConfigError, Unreachable) as exc:
+                    delay = min(delay * 2, self.restart_max_s)
+                    log.error(
+                        "nats-server did not restart; trying again",
+                        extra={"error": exc.message, "delay_s": delay},
+                    )
+                    continue
+                log.info("nats-server restarted", extra={"restart": self.restarts})
+                break
+
+    async def _launch(self, timeout_s: float) -> None:
         from provisioning.platform.supervisor import bind_socket
 
         binary = nats_server_binary()
@@ -117,13 +170,21 @@ class EmbeddedNats:
                 return
             await asyncio.sleep(0.05)
         tail = logfile.read_text(errors="replace").splitlines()[-15:]
-        await self.stop()
+        await self._terminate()
         raise Unreachable(
             f"nats-server did not start on {self.host}:{self.port}:\n" + "\n".join(tail)
         )
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM (it flushes JetStream), then SIGKILL after ``timeout_s``."""
+        """Stop watching; SIGTERM (it flushes JetStream), then SIGKILL after ``timeout_s``."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await self._terminate(timeout_s)
+
+    async def _terminate(self, timeout_s: float = 10.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
