@@ -4,7 +4,8 @@ A copy of examples/workspaces/demo is managed by an in-process control center; a
 writes, a viewer reads. Covered: listing and reading, validation mapped to file and line,
 validated atomic writes with optimistic concurrency (two writers from one version: exactly one
 wins), history, diff and restore, refused paths, permissions, the audit trail (never the
-content), and changes made on disk outside the API.
+content), changes made on disk outside the API, and a file whose evaluation never ends
+stopped at ``control_center.nickel_timeout_s``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,14 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path, state_url: str) -> AsyncIterator[Env]:
+    async with open_env(tmp_path, state_url) as e:
+        yield e
+
+
+@asynccontextmanager
+async def open_env(tmp_path: Path, state_url: str, **control_center: Any) -> AsyncIterator[Env]:
+    """A control center managing a copy of the demo workspace; ``control_center`` settings
+    added to the test's own."""
     ws = tmp_path / "demo"
     shutil.copytree(DEMO, ws)
     settings = load_settings(
@@ -84,6 +94,7 @@ async def env(tmp_path: Path, state_url: str) -> AsyncIterator[Env]:
                 "admin_password": ADMIN_PASSWORD,
                 "port": free_port(),
                 "workspaces": [str(ws)],
+                **control_center,
             },
         },
     )
@@ -239,6 +250,39 @@ async def test_an_invalid_write_is_refused_with_diagnostics_and_changes_nothing(
     assert [v["version"] for v in history["data"]] == [0]
     [refused] = await env.audit("config:write")
     assert (refused["result"], refused["details"]["reason"]) == ("failure", "validation_error")
+
+
+async def test_a_file_that_never_ends_evaluating_is_refused_naming_the_time_limit(
+    tmp_path: Path, state_url: str
+) -> None:
+    # The whole check of the demo workspace takes well under a second; 3 s leaves room.
+    async with open_env(tmp_path, state_url, nickel_timeout_s=3) as env:
+        text = env.disk()
+        fib = "let rec fib = fun n => if n < 2 then n else fib (n - 1) + fib (n - 2) in"
+        looping = text.replace(
+            "  description = ",
+            f"  description = {fib} std.to_string (fib 100) ++ ",
+            1,
+        )
+        assert looping != text
+        async with asyncio.timeout(120):
+            resp = await env.put(looping, sha(text))
+        assert resp.status_code == 422, resp.text
+        err = resp.json()["error"]
+        [diag] = err["details"]["diagnostics"]
+        assert (diag["file"], diag["line"], diag["preexisting"]) == (SETTINGS, None, False)
+        assert f"{SETTINGS} took longer than 3 s and was stopped" in diag["message"]
+        assert "nickel_timeout_s" in diag["message"]
+        assert "prvng-config-check" not in json.dumps(err)
+        assert env.disk() == text
+        history = await env.http.get(f"{BASE}/files/{SETTINGS}/history", headers=env.viewer)
+        assert [v["version"] for v in history.json()["data"]] == [0]
+
+        # The control center goes on: the next valid write is checked and stored.
+        async with asyncio.timeout(120):
+            resp = await env.put(text + "# ok\n", sha(text))
+        assert resp.status_code == 200, resp.text
+        assert env.disk() == text + "# ok\n"
 
 
 async def test_a_problem_the_workspace_already_had_does_not_block_a_write(env: Env) -> None:

@@ -16,7 +16,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,13 +127,26 @@ class Platform:
 
 @pytest.fixture
 async def platform(tmp_path: Path, state_url: str) -> AsyncIterator[Platform]:
+    async with start_platform(tmp_path, state_url) as p:
+        yield p
+
+
+@asynccontextmanager
+async def start_platform(
+    tmp_path: Path, state_url: str, **control_center: Any
+) -> AsyncIterator[Platform]:
+    """The embedded platform, ``control_center`` settings added to the test's own."""
     settings = load_settings(
         home=tmp_path / "home",
         env={},
         overrides={
             "state": {"url": state_url, "sqlite_synchronous": "NORMAL"},
             "orchestrator": {"poll_interval_s": 0.05, "port": free_port()},
-            "control_center": {"admin_password": ADMIN_PASSWORD, "port": free_port()},
+            "control_center": {
+                "admin_password": ADMIN_PASSWORD,
+                "port": free_port(),
+                **control_center,
+            },
         },
     )
     cc, services = build_services(settings)

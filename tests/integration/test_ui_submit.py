@@ -4,17 +4,29 @@ embedded platform (the fixtures of ``test_ui_security``).
 A JSON and a Nickel workflow submitted through the form become workflows owned by the user, the
 form's name and priority applied; "Check" validates and submits nothing; a broken Nickel text
 and bad JSON come back with the line, nothing submitted; a Nickel text may not import; a viewer
-sees no way to submit and a forged POST of theirs is refused.
+sees no way to submit and a forged POST of theirs is refused. A Nickel text that never ends
+evaluating is stopped at ``control_center.nickel_timeout_s`` and shown with its problem.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
+import psutil
+import pytest
 
-from tests.integration.test_ui_security import USER_PASSWORD, Browser, Platform, platform
+from tests.integration.test_ui_security import (
+    USER_PASSWORD,
+    Browser,
+    Platform,
+    platform,
+    start_platform,
+)
 
 __all__ = ["platform"]
 
@@ -35,6 +47,21 @@ BROKEN = """{
   ],
 }
 """
+# Exponential time, little memory: never ends in practice.
+NEVER_ENDS = """let rec fib = fun n => if n < 2 then n else fib (n - 1) + fib (n - 2) in
+{
+  name = "never",
+  tasks = [{ name = "wait", action = "sleep", args = { seconds = fib 100 } }],
+}
+"""
+QUICK_TIMEOUT_S = 1.0
+
+
+@pytest.fixture
+async def quick_platform(tmp_path: Path, state_url: str) -> AsyncIterator[Platform]:
+    """The platform with a short Nickel time limit."""
+    async with start_platform(tmp_path, state_url, nickel_timeout_s=QUICK_TIMEOUT_S) as p:
+        yield p
 
 
 async def workflows(p: Platform) -> list[dict[str, object]]:
@@ -131,3 +158,37 @@ async def test_a_viewer_gets_no_form_and_a_forged_submission_is_refused(
         )
         assert resp.status_code == 403
     assert len(await workflows(p)) == before
+
+
+def evaluating_children() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "provisioning.core.isolated" in child.cmdline():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+async def test_a_nickel_text_that_never_ends_is_stopped_and_shown_as_a_problem(
+    quick_platform: Platform,
+) -> None:
+    p = quick_platform
+    b = await p.browser()
+    before = len(await workflows(p))
+
+    async with asyncio.timeout(60):
+        resp = await submit(b, format="ncl", text=NEVER_ENDS, filename="never.ncl")
+    assert resp.status_code == 422, resp.text
+    assert 'id="submit-problems"' in resp.text
+    assert "never.ncl took longer than 1 s and was stopped" in resp.text
+    assert "/tmp/" not in resp.text
+    assert not evaluating_children()  # the child was killed, not left running
+    assert len(await workflows(p)) == before
+
+    # The control center still answers, and evaluates the next text.
+    async with asyncio.timeout(60):
+        resp = await submit(b, format="ncl", text=NICKEL, filename="nightly.ncl")
+    assert resp.status_code == 303, resp.text
+    assert len(await workflows(p)) == before + 1

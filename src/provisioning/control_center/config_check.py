@@ -18,6 +18,10 @@ A diagnostic::
 report (a server naming an unknown provider, say) ``line`` is the first line holding the
 server's or cluster's name, ``column`` is ``None``. Files of the shipped contracts
 are shown as ``<schemas>/<name>``.
+
+The check runs in a child process (:mod:`provisioning.core.isolated`) bounded by the control
+center's ``nickel_timeout_s`` and ``nickel_memory_mb``: a file whose evaluation never ends or
+exhausts the memory is reported as a diagnostic of that file (``line`` ``None``) naming the limit.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from provisioning.core import isolated
 from provisioning.core.errors import NickelError, NotFound, ProvisioningError, ValidationError
 from provisioning.core.nickel import evaluate, schemas_dir
 from provisioning.workspace.api import check_workspace as validate_workspace
 
-__all__ = ["check_workspace"]
+__all__ = ["check_workspace", "diagnose"]
 
 _LOCATION = re.compile(r"┌─ (?P<file>.+?):(?P<line>\d+):(?P<col>\d+)\s*$", re.MULTILINE)
 # Where Nickel shows the platform's own wrapper expression ("imported here"): not the user's.
@@ -42,20 +47,64 @@ _NAMED = re.compile(r"^(?:server|cluster) (?P<name>[a-z0-9][a-z0-9_-]*):")
 _PREFIXED = re.compile(r"^(?P<file>[^\s:]+\.ncl): (?P<msg>.*)$", re.DOTALL)
 
 
-def check_workspace(root: Path, rel: str | None, content: str | None) -> list[dict[str, Any]]:
+def check_workspace(
+    root: Path, rel: str | None, content: str | None, *, limits: isolated.Limits | None = None
+) -> list[dict[str, Any]]:
     """The problems of the workspace at ``root`` with ``rel`` holding ``content`` (both
-    ``None``: as it is), deduplicated, in the order found. Blocking: run it in a thread."""
-    if rel is None or content is None:
-        return _diagnose(root.resolve(), None)
-    with tempfile.TemporaryDirectory(prefix="prvng-config-check-") as tmp:
-        copy = Path(tmp).resolve() / "ws"
-        shutil.copytree(root, copy, symlinks=True, ignore=_ignore(root))
-        target = copy / rel
-        if not target.resolve().is_relative_to(copy):  # never write through a link
-            raise ValidationError(f"{rel} is reached through a symbolic link", field="path")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(content, encoding="utf-8")
-        return _diagnose(copy, rel)
+    ``None``: as it is), deduplicated, in the order found, checked in a child process within
+    ``limits`` (default :class:`~provisioning.core.isolated.Limits`). Blocking: run it in a
+    thread.
+
+    Raises:
+        ValidationError: ``rel`` is reached through a symbolic link.
+    """
+    limits = limits or isolated.Limits()
+    kwargs: dict[str, Any] = {"root": str(root), "rel": rel, "content": content, "scratch": None}
+    try:
+        if rel is None or content is None:
+            return _in_child(kwargs, limits, "the workspace")
+        # The scratch folder is made (and removed) here: a child killed at the limit cannot.
+        with tempfile.TemporaryDirectory(prefix="prvng-config-check-") as tmp:
+            return _in_child({**kwargs, "scratch": tmp}, limits, rel)
+    except NickelError as exc:
+        if exc.details.get("limit") is None:
+            raise
+        message = exc.message
+        return [
+            {
+                "file": rel,
+                "line": None,
+                "column": None,
+                "message": message,
+                "detail": message,
+                "related": [],
+            }
+        ]
+
+
+def _in_child(kwargs: dict[str, Any], limits: isolated.Limits, source: str) -> list[dict[str, Any]]:
+    found = isolated.run(
+        "provisioning.control_center.config_check:diagnose", kwargs, limits=limits, source=source
+    )
+    return list(found)
+
+
+def diagnose(
+    root: str, rel: str | None, content: str | None, scratch: str | None
+) -> list[dict[str, Any]]:
+    """What :func:`check_workspace` answers, computed in the child process: the workspace as
+    it is (``scratch`` ``None``), or copied into the folder ``scratch`` with ``rel`` holding
+    ``content``."""
+    if rel is None or content is None or scratch is None:
+        return _diagnose(Path(root).resolve(), None)
+    copy = Path(scratch).resolve() / "ws"
+    shutil.copytree(Path(root), copy, symlinks=True, ignore=_ignore(Path(root)))
+    target = copy / rel
+    if not target.resolve().is_relative_to(copy):  # never write through a link
+        raise ValidationError(f"{rel} is reached through a symbolic link", field="path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(content, encoding="utf-8")
+    return _diagnose(copy, rel)
 
 
 def _ignore(root: Path) -> Any:

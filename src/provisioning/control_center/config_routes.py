@@ -19,6 +19,7 @@ from provisioning.control_center.config_files import parse_workspaces
 from provisioning.control_center.routes import actor_of
 from provisioning.control_center.workspace_config import MAX_CONTENT_CHARS, WorkspaceConfig
 from provisioning.core.auth import Guard, Identity
+from provisioning.core.isolated import Limits
 from provisioning.core.rbac import Resource
 from provisioning.core.settings import ControlCenterSettings
 from provisioning.core.store import Database
@@ -78,7 +79,8 @@ def config_router(db: Database, settings: ControlCenterSettings, guard: Guard) -
     Raises:
         ConfigError: ``control_center.workspaces`` has a bad entry.
     """
-    return build_config_router(WorkspaceConfig(db, parse_workspaces(settings.workspaces)), guard)
+    cfg = WorkspaceConfig(db, parse_workspaces(settings.workspaces), limits=Limits.of(settings))
+    return build_config_router(cfg, guard)
 
 
 def build_config_router(cfg: WorkspaceConfig, guard: Guard) -> APIRouter:

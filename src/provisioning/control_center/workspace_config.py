@@ -15,7 +15,10 @@ The parts: :mod:`.config_files` (paths, disk), :mod:`.config_check` (validation)
   refused (422), and so is a path that resolves, through a symbolic link, outside the folder.
 * **Validation** is ``prvng workspace validate`` (infra by infra) run on a scratch copy of the
   workspace with the candidate file in place, after a parse and type check of the file itself.
-  Nickel's diagnostics are mapped to a workspace file, line and column.
+  Nickel's diagnostics are mapped to a workspace file, line and column. It runs in a child
+  process within ``limits`` (``control_center.nickel_timeout_s`` and ``nickel_memory_mb``): a
+  content whose evaluation does not end in time, or needs more memory, is refused with a
+  diagnostic naming the limit.
   A change is refused only for problems it brings: a problem the workspace already had is
   reported with ``preexisting: true`` and does not block.
 * **Writes** check ``expected_sha256`` (the hash of the file the client read; ``None`` for a file
@@ -55,6 +58,7 @@ from provisioning.control_center.config_files import (
 from provisioning.control_center.service import Actor
 from provisioning.control_center.tables_config import config_versions as cv
 from provisioning.core.errors import Conflict, NotFound, ValidationError
+from provisioning.core.isolated import Limits
 from provisioning.core.store import Database
 
 __all__ = ["MAX_CONTENT_CHARS", "WorkspaceConfig"]
@@ -68,11 +72,15 @@ def _now() -> datetime:
 
 class WorkspaceConfig:
     """See the module docstring. ``workspaces``: ``{id: folder}``
-    (:func:`~provisioning.control_center.config_files.parse_workspaces`)."""
+    (:func:`~provisioning.control_center.config_files.parse_workspaces`); ``limits``: of each
+    validation's child process."""
 
-    def __init__(self, db: Database, workspaces: Mapping[str, Path]) -> None:
+    def __init__(
+        self, db: Database, workspaces: Mapping[str, Path], *, limits: Limits | None = None
+    ) -> None:
         self.db = db
         self.workspaces = dict(workspaces)
+        self.limits = limits or Limits()
         self._checks = asyncio.Semaphore(2)  # validations are CPU-bound Nickel evaluations
 
     # ------------------------------------------------------------------ workspaces and paths
@@ -233,10 +241,12 @@ class WorkspaceConfig:
         root = self.root(ws)
         target = self.file(ws, rel, for_write=True).rel if rel is not None else None
         async with self._checks:
-            diags = await asyncio.to_thread(check_workspace, root, target, content)
+            diags = await asyncio.to_thread(
+                check_workspace, root, target, content, limits=self.limits
+            )
             before: set[tuple[Any, ...]] = set()
             if diags and target is not None:
-                old = await asyncio.to_thread(check_workspace, root, None, None)
+                old = await asyncio.to_thread(check_workspace, root, None, None, limits=self.limits)
                 before = {_key(d) for d in old}
         for d in diags:
             d["preexisting"] = _key(d) in before

@@ -195,6 +195,21 @@ class ControlCenterSettings(_Section):
         description="Workspace folders whose Nickel files the control center manages (`/config` "
         "API): absolute paths, each `name=/path` or just `/path` (its id is the folder's name).",
     )
+    nickel_timeout_s: float = Field(
+        10,
+        gt=0,
+        le=3600,
+        description="Longest evaluation of Nickel sent by users (a workflow submitted in the web "
+        "UI, a workspace file validated or written through `/config`), in a child process "
+        "that is killed when it takes longer.",
+    )
+    nickel_memory_mb: int = Field(
+        1024,
+        ge=128,
+        le=1024 * 1024,
+        description="Memory (address space) of the child process evaluating Nickel sent by "
+        "users; an evaluation that needs more is stopped.",
+    )
 
 
 class OpsKeeperSettings(_Section):

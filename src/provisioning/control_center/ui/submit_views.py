@@ -11,7 +11,10 @@ names, and nothing is submitted. "Check" stops there; "Submit" then calls the or
 ``workflow.submit`` operation on a target, as ``prvng workflow submit --via-ops`` does.
 
 A Nickel text may not ``import``: it is evaluated on the control center's host, whose files an
-import would read into the workflow.
+import would read into the workflow. It is evaluated in a child process
+(:mod:`provisioning.core.isolated`) within ``control_center.nickel_timeout_s`` and
+``nickel_memory_mb``: a text that never ends evaluating, or needs more memory, is shown with a
+problem naming the limit, like any other mistake.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from fastapi.responses import RedirectResponse, Response
 
 from provisioning.control_center.ui.sessions import UiSession
 from provisioning.control_center.ui.views import read_form
+from provisioning.core import isolated
 from provisioning.core.errors import NickelError, ProvisioningError, ValidationError
 from provisioning.core.nickel import schemas_dir
 from provisioning.orchestrator.api import WorkflowSpec
-from provisioning.orchestrator.client import load_workflow_file, parse_workflow_text
+from provisioning.orchestrator.client import parse_workflow_text
 
 if TYPE_CHECKING:
     from provisioning.control_center.ui.app import WebUI
@@ -99,18 +103,24 @@ def workflow_target(name: str) -> str:
     return f"workflow/{_NOT_IN_TARGET.sub('-', name).strip('-') or 'unnamed'}"[:200]
 
 
-def _evaluate_nickel(text: str, source: str) -> WorkflowSpec:
+def _evaluate_nickel(text: str, source: str, limits: isolated.Limits) -> WorkflowSpec:
     with tempfile.TemporaryDirectory(prefix="prvng-ui-wf-") as tmp:
         path = Path(tmp) / source
         path.write_text(text, encoding="utf-8")
         try:
-            return load_workflow_file(path)
+            data = isolated.run(
+                "provisioning.control_center.workflow_nickel:load_workflow_data",
+                {"path": str(path)},
+                limits=limits,
+                source=source,
+            )
         except NickelError as exc:
             # Name the file as the user knows it, and the shipped contract by its package path.
             message = exc.message.replace(f"{tmp}/", "").replace(
                 f"{schemas_dir()}/", "provisioning/schemas/"
             )
             raise NickelError(message, source=source) from None
+        return WorkflowSpec.model_validate(data)
 
 
 def _problem(exc: ProvisioningError, source: str) -> Problem:
@@ -126,9 +136,12 @@ def _problem(exc: ProvisioningError, source: str) -> Problem:
     )
 
 
-async def read_workflow(draft: Draft) -> WorkflowSpec | Problem:
+async def read_workflow(
+    draft: Draft, limits: isolated.Limits | None = None
+) -> WorkflowSpec | Problem:
     """The draft's workflow, read as ``prvng workflow submit`` reads a file, with the name and
-    priority fields applied; or why it cannot be."""
+    priority fields applied; or why it cannot be. A Nickel text is evaluated in a child process
+    within ``limits`` (default :class:`~provisioning.core.isolated.Limits`)."""
     if not draft.text.strip():
         return Problem("Paste a workflow or choose a file.")
     if len(draft.text) > MAX_TEXT:
@@ -148,7 +161,9 @@ async def read_workflow(draft: Draft) -> WorkflowSpec | Problem:
                     line,
                 )
             async with _CHECKS:
-                spec = await asyncio.to_thread(_evaluate_nickel, draft.text, source)
+                spec = await asyncio.to_thread(
+                    _evaluate_nickel, draft.text, source, limits or isolated.Limits()
+                )
         else:
             fmt: Any = draft.fmt
             spec = parse_workflow_text(draft.text, fmt, source)
@@ -218,7 +233,7 @@ def build_submit_router(ui: WebUI) -> APIRouter:
         session = await ui.require(request, "workflow:create")
         form = await read_form(request)
         draft = Draft.of(form)
-        read = await read_workflow(draft)
+        read = await read_workflow(draft, isolated.Limits.of(ui.settings.control_center))
         if isinstance(read, Problem):
             draft.problems.append(read)
             return await render(request, session, draft, status=422)
