@@ -25,10 +25,11 @@ from tests.conftest import free_port
 class FakeService:
     host = "127.0.0.1"
 
-    def __init__(self, name: str, *, crash: bool = False) -> None:
+    def __init__(self, name: str, *, crash: bool = False, quits: bool = False) -> None:
         self.name = name
         self.port = free_port()
         self.crash = crash
+        self.quits = quits  # its loop returns (or is cancelled) instead of raising
         self.starts = 0
         self.stops = 0
         self._task: asyncio.Task[None] | None = None
@@ -41,11 +42,15 @@ class FakeService:
 
     async def start(self) -> None:
         self.starts += 1
-        if self.crash:
-            self._task = asyncio.create_task(self._loop())
+        if self.crash or self.quits:
+            self._task = asyncio.create_task(self._loop(), name=f"{self.name}-loop")
+            if self.quits and self.starts % 2 == 0:
+                self._task.cancel()
 
     async def _loop(self) -> None:
         await asyncio.sleep(0.01)
+        if self.quits:
+            return
         raise RuntimeError(f"{self.name} loop died")
 
     def background_tasks(self) -> Sequence[asyncio.Task[None]]:
@@ -104,6 +109,29 @@ async def test_a_service_whose_loop_dies_is_restarted_with_growing_backoff_while
     crashes = [r for r in caplog.records if r.getMessage() == "service crashed; restarting it"]
     assert crashes and crashes[0].exc_info is not None
     assert "flaky loop died" in str(crashes[0].exc_info[1])
+
+
+async def test_a_loop_that_returns_or_is_cancelled_is_a_crash_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    quitter = FakeService("quitter", quits=True)
+    sup, stop = (
+        Supervisor([quitter], policy=RestartPolicy(initial_s=0.01, max_s=0.02)),
+        asyncio.Event(),
+    )
+    with caplog.at_level(logging.ERROR, logger="provisioning.platform"):
+        runner = await _started(sup, stop)
+        await _until(lambda: sup.units["quitter"].restarts >= 2)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+    reasons = {
+        str(r.exc_info[1])
+        for r in caplog.records
+        if r.getMessage() == "service crashed; restarting it" and r.exc_info
+    }
+    assert "its background loop quitter-loop returned unexpectedly" in reasons
+    assert "its background loop quitter-loop was cancelled unexpectedly" in reasons
+    assert quitter.stops == quitter.starts
 
 
 async def test_a_service_whose_http_server_ends_is_restarted_on_the_same_port() -> None:

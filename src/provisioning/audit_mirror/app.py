@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from provisioning import __version__
 from provisioning.audit_mirror.mirror import ALREADY_MIRRORED, GitMirror, check_event
+from provisioning.core.aio import reraise_if_cancelling
 from provisioning.core.bus import Bus, Delivery
 from provisioning.core.bus.link import BusLink
 from provisioning.core.errors import ProvisioningError
@@ -242,6 +243,8 @@ class AuditMirrorService:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+            except asyncio.CancelledError:  # the loop had been cancelled: stopping goes on
+                reraise_if_cancelling()
             self._task = None
         await asyncio.to_thread(self.mirror.close)
         await self.link.close()

@@ -23,6 +23,7 @@ from provisioning.core.audit_relay import audit_event
 from provisioning.core.auth import Authenticator, Guard, Identity
 from provisioning.core.bus import Bus
 from provisioning.core.bus.link import BusLink
+from provisioning.core.isolated import Limits
 from provisioning.core.rbac import Authorizer
 from provisioning.core.settings import Settings
 from provisioning.core.signing import KeyRing, StaticJwks, TokenVerifier
@@ -105,7 +106,8 @@ class ControlCenterService:
         self.monitor = SystemMonitor(self.settings, db=self.db, bus=self.bus)
         app.include_router(build_system_router(self.monitor, self.guard))
         workspaces = parse_workspaces(self.settings.control_center.workspaces)
-        self.config = WorkspaceConfig(self.db, workspaces)  # shared by the API and the UI
+        limits = Limits.of(self.settings.control_center)
+        self.config = WorkspaceConfig(self.db, workspaces, limits=limits)  # API and UI share it
         app.include_router(build_config_router(self.config, self.guard))
         self.ui = mount_ui(app, self.settings, self.identity, self.guard, monitor=self.monitor)
         self.ui.config = self.config
@@ -125,6 +127,11 @@ class ControlCenterService:
         if self.bus is not None:
             self.audit_consumer = AuditConsumer(self.bus, self.identity)
             self.audit_consumer.start()
+
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """The consumer of ``ops.audit.>`` (with a bus), for the supervisor."""
+        task = self.audit_consumer.task if self.audit_consumer is not None else None
+        return [task] if task is not None else []
 
     async def stop(self) -> None:
         if self.audit_consumer is not None:

@@ -33,6 +33,11 @@ class AuditConsumer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cc-audit-consumer")
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The consuming loop while started."""
+        return self._task
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from provisioning import __version__
+from provisioning.core.aio import reraise_if_cancelling
 from provisioning.core.bus import Bus
 from provisioning.core.bus.link import BusLink
 from provisioning.core.logging import get_logger
@@ -194,6 +195,8 @@ class OpsControllerService:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+            except asyncio.CancelledError:  # the loop had been cancelled: stopping goes on
+                reraise_if_cancelling()
             self._task = None
         await self.dispatcher.close()
         await self.store.close()
@@ -233,3 +236,4 @@ class _Metrics:
         self.dispatched.set(len(await svc.store.in_state("dispatched", limit=1000)))
         self.outbox.set(len(await svc.store.outbox_pending(1000)))
         self.connected.set(1 if svc.connected else 0)
+

@@ -35,13 +35,25 @@ class HttpDispatcher:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_s: float = 30.0,
     ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=orchestrator_url.rstrip("/"), transport=transport, timeout=timeout_s
-        )
+        self._url = orchestrator_url.rstrip("/")
+        self._transport = transport
+        self._timeout_s = timeout_s
+        self._client: httpx.AsyncClient | None = None
         self._api_key = api_key
 
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        # Made on first use and again after close(): a restarted controller dispatches anew.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self._url, transport=self._transport, timeout=self._timeout_s
+            )
+        return self._client
+
     async def close(self) -> None:
-        await self._http.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
     async def dispatch(self, op: VerifiedOp) -> dict[str, Any]:
         body = json.dumps({"token": op.token, "params": op.params}).encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import FastAPI
@@ -111,6 +112,10 @@ class OrchestratorService:
         install_mutation_audit(app, self.guard, "orchestrator")
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.orchestrator.max_body_bytes)
         return app
+
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """The engine's scheduler and lease loops, for the supervisor."""
+        return self.engine.loops()
 
     async def start(self) -> None:
         """Migrate the store, recover, start scheduling."""

@@ -95,6 +95,10 @@ class Engine:
         ]
         log.info("engine started", extra={"worker": self.worker_id})
 
+    def loops(self) -> list[asyncio.Task[None]]:
+        """The scheduler and lease loops while started (each runs until :meth:`stop`)."""
+        return list(self._loops)
+
     async def stop(self, *, kill_running: bool = False) -> None:
         """Stop scheduling. Running attempts are left to finish and be recovered on the next
         start, unless ``kill_running`` (used by tests) terminates them and records the result."""

@@ -29,6 +29,7 @@ import psutil
 import uvicorn
 from fastapi import FastAPI
 
+from provisioning.core.aio import reraise_if_cancelling
 from provisioning.core.errors import ConfigError
 from provisioning.core.logging import get_logger
 
@@ -50,7 +51,8 @@ class Service(Protocol):
 
     ``stop`` then ``start`` again must work (that is how a crashed service is restarted). A
     service may also offer ``background_tasks() -> Sequence[asyncio.Task]``: the loops it runs
-    besides its HTTP app; one ending with an exception is a crash.
+    besides its HTTP app, each meant to run until ``stop``; one that ends before (with an
+    exception, cancelled, or returning) is a crash.
     """
 
     name: str
@@ -188,6 +190,10 @@ class ServerEnded(RuntimeError):
     """A service's HTTP server ended while the platform was not stopping."""
 
 
+class LoopEnded(RuntimeError):
+    """One of a service's background loops ended while the platform was not stopping."""
+
+
 class Supervisor:
     """Starts, watches and stops a set of services (see the module docstring)."""
 
@@ -315,6 +321,10 @@ class Supervisor:
                         return exc or ServerEnded("its HTTP server ended unexpectedly")
                     if exc is not None:
                         return exc
+                    # Cancelled or returned: the loop is gone all the same.
+                    how = "was cancelled" if task.cancelled() else "returned"
+                    name = task.get_name() if isinstance(task, asyncio.Task) else "a loop"
+                    return LoopEnded(f"its background loop {name} {how} unexpectedly")
         finally:
             stopper.cancel()
 
@@ -381,6 +391,11 @@ class Supervisor:
                 await unit.service.stop()
             except Exception:
                 log.exception("service did not stop cleanly", extra={"service": unit.name})
+            except asyncio.CancelledError:
+                # A stop() that awaited its own cancelled loop: not the supervisor being
+                # cancelled (then it goes on up), and the restart must not die of it.
+                reraise_if_cancelling()
+                log.warning("service stop ended cancelled", extra={"service": unit.name})
 
     async def _shutdown(self, started_bg: list[Background]) -> None:
         units = list(self.units.values())
