@@ -293,6 +293,8 @@ async def test_every_state_changing_route_refuses_a_missing_foreign_or_cross_sit
         ("POST", "/ui/config/{ws}/review/{path:path}"),
         ("POST", "/ui/config/{ws}/save/{path:path}"),
         ("POST", "/ui/config/{ws}/restore/{path:path}"),
+        ("POST", "/ui/account/mfa"),
+        ("POST", "/ui/account/mfa/confirm"),
     }
     wf = await p.workflow()
     victim = await p.browser()
@@ -322,6 +324,8 @@ async def test_every_state_changing_route_refuses_a_missing_foreign_or_cross_sit
         "/ui/config/demo/review/infra/demo/settings.ncl": {"content": "{}"},
         "/ui/config/demo/save/infra/demo/settings.ncl": {"content": "{}", "message": "forged"},
         "/ui/config/demo/restore/infra/demo/settings.ncl": {"version": "0"},
+        "/ui/account/mfa": {},
+        "/ui/account/mfa/confirm": {"code": "123456"},
     }
     for path, form in attempts.items():
         for b, token, extra in (

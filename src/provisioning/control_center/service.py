@@ -356,6 +356,15 @@ class IdentityService:
         )
         return {"secret": secret, "uri": mfa.provisioning_uri(secret, user.username)}
 
+    def mfa_pending(self, ident: Identity) -> dict[str, str] | None:
+        """The caller's enrolment awaiting confirmation (``{secret, uri}``, as
+        :meth:`mfa_enroll` answered it), or None: the web UI shows it again next to a wrong
+        code, to the same user only."""
+        secret = self._pending_mfa.get(ident.subject)
+        if secret is None or ident.kind == "apikey":
+            return None
+        return {"secret": secret, "uri": mfa.provisioning_uri(secret, ident.username)}
+
     async def mfa_confirm(self, ident: Identity, code: str, actor: Actor) -> None:
         if ident.kind == "apikey":
             raise Forbidden("MFA is enrolled by the user logged in, not with an API key")

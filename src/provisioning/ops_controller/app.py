@@ -236,4 +236,3 @@ class _Metrics:
         self.dispatched.set(len(await svc.store.in_state("dispatched", limit=1000)))
         self.outbox.set(len(await svc.store.outbox_pending(1000)))
         self.connected.set(1 if svc.connected else 0)
-

@@ -46,7 +46,7 @@ from provisioning.core.logging import get_logger
 from provisioning.core.rbac import Resource
 from provisioning.core.settings import Settings
 
-__all__ = ["PREFIX", "LoginRequired", "NavItem", "WebUI", "mount_ui"]
+__all__ = ["PREFIX", "EnrolmentRequired", "LoginRequired", "NavItem", "WebUI", "mount_ui"]
 
 log = get_logger("control_center.ui")
 
@@ -75,6 +75,11 @@ NAV = (
 
 class LoginRequired(Exception):
     """The request has no valid session: the answer sends the browser to the login page."""
+
+
+class EnrolmentRequired(Exception):
+    """The session's user must enrol a second factor first (their role requires it, the
+    token says ``enrol_mfa``): the answer sends the browser to the account page."""
 
 
 class WebUI:
@@ -121,17 +126,23 @@ class WebUI:
             request.state.ui_session = found
         return found  # type: ignore[return-value]
 
-    async def require(self, request: Request, action: str | None = None) -> UiSession:
+    async def require(
+        self, request: Request, action: str | None = None, *, enrolling: bool = False
+    ) -> UiSession:
         """The session, authorized for ``action`` by the platform's guard (Cedar; a denial
-        is audited as on the API).
+        is audited as on the API). A user who must enrol MFA first (``enrol_mfa``) gets only
+        the routes that say ``enrolling`` (their account page and its enrolment).
 
         Raises:
             LoginRequired: no valid session.
+            EnrolmentRequired: the user must enrol MFA before using this route.
             Forbidden: the action is not allowed.
         """
         session = await self.current(request)
         if session is None:
             raise LoginRequired()
+        if session.identity.enrol_mfa and not enrolling:
+            raise EnrolmentRequired()
         if action is not None:
             try:
                 await self.guard.check(bearer_request(request, session.token), action)
@@ -236,6 +247,7 @@ class WebUI:
         )
 
     def _build(self) -> FastAPI:
+        from provisioning.control_center.ui.account_views import build_account_router
         from provisioning.control_center.ui.config_views import build_config_ui_router
         from provisioning.control_center.ui.ops_views import build_ops_router
         from provisioning.control_center.ui.submit_views import build_submit_router
@@ -251,6 +263,7 @@ class WebUI:
         app.include_router(build_config_ui_router(self))
         app.include_router(build_ops_router(self))
         app.include_router(build_users_router(self))
+        app.include_router(build_account_router(self))
         app.include_router(build_router(self))  # last: it ends with the catch-all /{section}
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
         self._install_error_pages(app)
@@ -262,6 +275,10 @@ class WebUI:
         @app.exception_handler(LoginRequired)
         async def _login(request: Request, _exc: LoginRequired) -> Response:
             return login_redirect(request)
+
+        @app.exception_handler(EnrolmentRequired)
+        async def _enrol(request: Request, _exc: EnrolmentRequired) -> Response:
+            return enrolment_redirect(request)
 
         @app.exception_handler(ProvisioningError)
         async def _typed(request: Request, exc: ProvisioningError) -> Response:
@@ -307,6 +324,14 @@ def login_redirect(request: Request) -> Response:
     if not (here == PREFIX or here.startswith(PREFIX + "/")) or "//" in here:
         here = PREFIX + "/"
     target = f"{PREFIX}/login?next={quote(here, safe='/')}"
+    if request.headers.get("hx-request"):
+        return Response(status_code=204, headers={"HX-Redirect": target})
+    return RedirectResponse(target, status_code=303)
+
+
+def enrolment_redirect(request: Request) -> Response:
+    """To the account page, where the user enrols MFA (htmx: ``HX-Redirect``)."""
+    target = f"{PREFIX}/account"
     if request.headers.get("hx-request"):
         return Response(status_code=204, headers={"HX-Redirect": target})
     return RedirectResponse(target, status_code=303)

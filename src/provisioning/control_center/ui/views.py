@@ -181,7 +181,7 @@ def build_router(ui: WebUI) -> APIRouter:
     async def session_check(request: Request) -> Response:
         """204 while the session lives; otherwise the login redirect (the page listens for
         the event stream's ``session-ended`` and asks here)."""
-        await ui.require(request)
+        await ui.require(request, enrolling=True)
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- dashboard
