@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 
 from provisioning.platform.pidfile import PidFile
 from tests.browser.conftest import UiPlatform, UiSession
+from tests.helpers import until_sync as until
 
 POLICY = """{
   policies = [
@@ -30,16 +30,6 @@ POLICY = """{
 }
 """
 NAMES = ["dev-auto", "prod-manual"]
-
-
-def until(what: str, check: Any, timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 class Api:

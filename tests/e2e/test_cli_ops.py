@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from provisioning.platform.pidfile import PidFile
 from tests.e2e.platform_proc import REPO, Platform, prvng, running_platform, show
+from tests.helpers import until_sync as until
 
 POLICY = """{
   policies = [
@@ -77,16 +77,6 @@ def run_as(
     return subprocess.run(
         argv, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, input=stdin
     )
-
-
-def until(what: str, check: Any, timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from provisioning.core.bus.nats import NatsBus, connect_bus
 from provisioning.core.settings import Settings, load_settings
 from provisioning.platform.nats_server import EmbeddedNats
 from tests.conftest import free_port
+from tests.helpers import until
 from tests.integration.test_audit_mirror import make_events
 
 
@@ -53,18 +53,6 @@ async def bus(settings: Settings) -> AsyncIterator[NatsBus]:
         yield b
     finally:
         await b.close()
-
-
-async def until(what: str, check: Callable[[], Any], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if isinstance(got, Awaitable):
-            got = await got
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 async def publish(bus: NatsBus, events: list[dict[str, Any]], *, msg_ids: bool = True) -> None:

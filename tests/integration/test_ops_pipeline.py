@@ -8,8 +8,7 @@ another operator approves it, take the same road or none."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from provisioning.orchestrator.app import OrchestratorService
 from provisioning.platform.embedded import build_services
 from provisioning.platform.nats_server import EmbeddedNats
 from tests.conftest import free_port
+from tests.helpers import until
 
 ADMIN = "pipeline admin passphrase"
 PASSWORD = "pipeline user passphrase"
@@ -59,16 +59,6 @@ class Pipeline:
         )
         assert resp.status_code == 201, resp.text
         return dict(resp.json()["data"])
-
-
-async def until(what: str, check: Callable[[], Awaitable[Any]], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

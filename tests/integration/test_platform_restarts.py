@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from provisioning.core.settings import Settings, load_settings, service_url
 from provisioning.platform.embedded import build_platform
 from provisioning.platform.supervisor import RestartPolicy, Supervisor
 from tests.conftest import free_port
+from tests.helpers import until
 from tests.integration.test_ops_pipeline import ADMIN, POLICY, SPEC
 
 pytestmark = pytest.mark.timeout(180)
@@ -39,16 +39,6 @@ class Running:
     sup: Supervisor
     urls: dict[str, str]
     admin: dict[str, str]
-
-
-async def until(what: str, check: Callable[[], Awaitable[Any]], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from provisioning.platform.embedded import build_services
 from provisioning.platform.nats_server import EmbeddedNats
 from provisioning.platform.supervisor import Service
 from tests.conftest import free_port, wait_workflow
+from tests.helpers import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -179,16 +180,6 @@ async def _users(p: Platform) -> None:
     key = resp.json()["data"]["key"]
     p.headers["scoped-key"] = {"X-API-Key": key}
     p.secrets += [key, ADMIN, PASSWORD]
-
-
-async def until(what: str, check: Callable[[], Awaitable[Any]], timeout_s: float = 20) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
 
 
 def service(doc: dict[str, Any], name: str) -> dict[str, Any]:
