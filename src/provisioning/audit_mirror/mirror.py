@@ -17,14 +17,9 @@ the blob, the five trees and the commit itself, and signs the commit in-process 
 verifier never trusts this code: it checks through ``git`` and ``ssh-keygen``
 (:mod:`provisioning.audit_mirror.verify`).
 
-Each batch becomes **one pack** (+ ``.idx``) rather than loose objects: creating a file costs
-~0.5 ms on this disk and an event makes seven objects. A day's directory tree grows by ~70
-bytes per event and is rewritten by every commit, so inside a pack each new version of it is an
-``OFS_DELTA`` against the previous one (the splice is known, nothing is searched); the first
-version in a pack is stored whole and not deflated (deflating 600 kB of mostly SHA-1 bytes takes
-~10 ms). When there are more than :attr:`GitMirror.max_packs` packs, ``git repack -d
---geometric=2`` merges them (and deltifies those whole trees). A ``git cat-file --batch``
-process reads existing trees and commits: at start, and when events move to another day.
+Each batch becomes one pack (+ ``.idx``), in which a new version of a day's tree is a delta
+against the previous one; a ``git cat-file --batch`` process reads the trees and commits already
+in the repository (:mod:`provisioning.audit_mirror.gitobjects`).
 
 Crash safety, per batch passed to :meth:`GitMirror.mirror`:
 
@@ -52,10 +47,7 @@ writes that day's tree whole, so hand the mirror the batches the stream delivers
 
 from __future__ import annotations
 
-import base64
-import bisect
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -63,39 +55,65 @@ import re
 import secrets
 import shutil
 import sqlite3
-import struct
 import subprocess
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from provisioning.audit_mirror.durable import fsync_dir, write_durably
+from provisioning.audit_mirror.gitobjects import (
+    TMP_PREFIX,
+    Dir,
+    GitObjectReader,
+    PackWriter,
+    git_env,
+)
+from provisioning.audit_mirror.records import (
+    CHECKPOINT_NAMESPACE,
+    EVENT_ID_TRAILER,
+    GIT_NAMESPACE,
+    PRINCIPAL,
+    REF,
+    SEQ_TRAILER,
+    Checkpoint,
+    CommitInfo,
+    SshSigner,
+    canonical_json,
+    checkpoint_payload,
+    event_path,
+    event_time,
+    parse_commit,
+    read_checkpoint,
+)
 from provisioning.core.errors import ConfigError, OperationFailed, ValidationError
 
+# Also re-exported: the names of records and gitobjects that callers import from here.
 __all__ = [
     "ALREADY_MIRRORED",
     "CHECKPOINT_NAMESPACE",
     "EVENT_ID_TRAILER",
+    "GIT_NAMESPACE",
     "PRINCIPAL",
     "REF",
     "SEQ_TRAILER",
     "Checkpoint",
     "CommitInfo",
     "GitMirror",
+    "GitObjectReader",
     "PublishResult",
     "SshSigner",
     "canonical_json",
     "check_event",
     "checkpoint_payload",
     "event_path",
+    "git_env",
     "parse_commit",
     "read_checkpoint",
 ]
@@ -104,544 +122,10 @@ logger = logging.getLogger(__name__)
 
 ALREADY_MIRRORED = "already-mirrored"
 """What :meth:`GitMirror.mirror` returns in place of a commit id for an event already mirrored."""
-PRINCIPAL = "audit-mirror@prvng"
-CHECKPOINT_NAMESPACE = "prvng-audit-checkpoint"
-GIT_NAMESPACE = "git"
-REF = "refs/heads/main"
-EVENT_ID_TRAILER = "Audit-Event-Id"
-SEQ_TRAILER = "Audit-Seq"
 _IDENT = f"audit-mirror <{PRINCIPAL}>"
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _GIT_TIMEOUT_S = 60.0
-_TMP_PREFIX = "tmp_mirror_"
-_MAX_DELTA_DEPTH = 50  # as git's pack.depth: reading a version applies at most this many deltas
-_DELTA_MIN_SIZE = 4096  # smaller trees are stored whole
-_STORE_MIN_SIZE = 65536  # whole objects this big are not deflated
 _PUSH_TIMEOUT_S = 120.0
-
-
-def git_env() -> dict[str, str]:
-    """The environment for every git call: no prompts, no replace objects, C locale."""
-    return {
-        **os.environ,
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_NO_REPLACE_OBJECTS": "1",
-        "LC_ALL": "C",
-        "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
-    }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` atomically with ``data``, on disk when this returns."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-# ---------------------------------------------------------------------- the event format
-
-
-def canonical_json(value: Any) -> bytes:
-    """The canonical JSON bytes of ``value``: sorted keys, no spaces, UTF-8, no NaN.
-
-    Raises:
-        ValidationError: ``value`` is not representable as strict JSON.
-    """
-    try:
-        text = json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-        return text.encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(f"audit event is not representable as JSON: {exc}") from exc
-
-
-def _event_time(ts: Any, event_id: str) -> datetime:
-    try:
-        if isinstance(ts, str):
-            parsed = datetime.fromisoformat(ts)
-            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-        if isinstance(ts, int | float) and not isinstance(ts, bool):
-            return datetime.fromtimestamp(ts, UTC)
-    except (ValueError, OverflowError, OSError):
-        pass
-    raise ValidationError(
-        f"audit event {event_id!r} needs `ts` as an RFC 3339 time or epoch seconds, got {ts!r}",
-        field="ts",
-    )
-
-
-def event_path(event: Mapping[str, Any]) -> str:
-    """``events/YYYY/MM/DD/<id>.json``: where ``event`` is stored (UTC day of its ``ts``).
-
-    Raises:
-        ValidationError: the ``id`` is missing or not a safe file name, or ``ts`` is not a time.
-    """
-    event_id = event.get("id")
-    if not isinstance(event_id, str) or not _ID_RE.fullmatch(event_id):
-        raise ValidationError(
-            f"audit event id must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter "
-            f"or digit, got {event_id!r}",
-            field="id",
-        )
-    day = _event_time(event.get("ts"), event_id)
-    return f"events/{day:%Y/%m/%d}/{event_id}.json"
-
-
-@dataclass(frozen=True)
-class CommitInfo:
-    """The parts of a commit object the mirror and the verifier look at."""
-
-    tree: str
-    parents: tuple[str, ...]
-    message: str
-    event_ids: tuple[str, ...]
-    seqs: tuple[str, ...]
-
-    @property
-    def event_id(self) -> str | None:
-        """The one ``Audit-Event-Id`` trailer, or None when there is not exactly one."""
-        return self.event_ids[0] if len(self.event_ids) == 1 else None
-
-    @property
-    def seq(self) -> int | None:
-        """The one ``Audit-Seq`` trailer as a number, or None when missing or malformed."""
-        if len(self.seqs) != 1 or not self.seqs[0].isdigit():
-            return None
-        return int(self.seqs[0])
-
-
-def parse_commit(data: bytes) -> CommitInfo:
-    """Parse a raw commit object (headers, blank line, message) and its audit trailers."""
-    head, _, body = data.partition(b"\n\n")
-    tree, parents = "", []
-    for line in head.split(b"\n"):
-        if line.startswith(b"tree "):
-            tree = line[5:].decode("ascii", "replace")
-        elif line.startswith(b"parent "):
-            parents.append(line[7:].decode("ascii", "replace"))
-    message = body.decode("utf-8", "replace")
-    trailers = message.rstrip("\n").rsplit("\n\n", 1)[-1].split("\n")
-    ids: list[str] = []
-    seqs: list[str] = []
-    for trailer in trailers:
-        key, sep, value = trailer.partition(": ")
-        if sep and key == EVENT_ID_TRAILER:
-            ids.append(value.strip())
-        elif sep and key == SEQ_TRAILER:
-            seqs.append(value.strip())
-    return CommitInfo(tree, tuple(parents), message, tuple(ids), tuple(seqs))
-
-
-# ---------------------------------------------------------------------- signing
-
-
-def _ssh_string(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-class SshSigner:
-    """Signs like ``ssh-keygen -Y sign -f <key> -n <namespace>``, in-process (Ed25519 only).
-
-    Raises:
-        ConfigError: the key cannot be read, is passphrase-protected or is not Ed25519.
-    """
-
-    def __init__(self, key_path: Path) -> None:
-        try:
-            key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise ConfigError(
-                f"cannot load the audit-mirror signing key {key_path}: {exc} (it must be an "
-                "OpenSSH Ed25519 private key without a passphrase)"
-            ) from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"the audit-mirror signing key {key_path} is not an Ed25519 key")
-        self._key = key
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        self.public_key = public.decode("ascii")
-        """``ssh-ed25519 AAAA…``, as in an ``allowed_signers`` line."""
-        self._public_blob = base64.b64decode(public.split()[1])
-
-    def sign(self, message: bytes, namespace: str) -> str:
-        """The armored ``SSHSIG`` signature of ``message`` (hash sha512), as ssh-keygen writes."""
-        ns = namespace.encode("ascii")
-        digest = hashlib.sha512(message).digest()
-        signed = (
-            b"SSHSIG" + _ssh_string(ns) + _ssh_string(b"") + _ssh_string(b"sha512")
-        ) + _ssh_string(digest)
-        signature = _ssh_string(b"ssh-ed25519") + _ssh_string(self._key.sign(signed))
-        blob = (
-            b"SSHSIG"
-            + struct.pack(">I", 1)
-            + _ssh_string(self._public_blob)
-            + _ssh_string(ns)
-            + _ssh_string(b"")
-            + _ssh_string(b"sha512")
-            + _ssh_string(signature)
-        )
-        text = base64.b64encode(blob).decode("ascii")
-        lines = [text[i : i + 70] for i in range(0, len(text), 70)]
-        return (
-            "-----BEGIN SSH SIGNATURE-----\n" + "\n".join(lines) + "\n-----END SSH SIGNATURE-----\n"
-        )
-
-
-# ---------------------------------------------------------------------- the checkpoint
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The signed head kept outside the repository; ``signature`` covers every other field."""
-
-    head: str | None
-    count: int
-    ref: str
-    principal: str
-    updated_at: str
-    signature: str
-
-    def payload(self) -> bytes:
-        """The signed bytes: canonical JSON of every field but ``signature``."""
-        return checkpoint_payload(self.head, self.count, self.ref, self.principal, self.updated_at)
-
-
-def checkpoint_payload(head: str | None, count: int, ref: str, principal: str, at: str) -> bytes:
-    """The bytes a checkpoint's signature covers."""
-    return canonical_json(
-        {
-            "version": 1,
-            "head": head,
-            "count": count,
-            "ref": ref,
-            "principal": principal,
-            "updated_at": at,
-        }
-    )
-
-
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Load a checkpoint file.
-
-    Raises:
-        ValidationError: the file is not a version-1 checkpoint (message names the file).
-    """
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or doc.get("version") != 1:
-            raise ValueError("not a version 1 checkpoint")
-        head, count = doc["head"], doc["count"]
-        if not (head is None or isinstance(head, str)) or not isinstance(count, int):
-            raise ValueError("`head` must be a commit id or null and `count` a number")
-        return Checkpoint(
-            head=head,
-            count=count,
-            ref=str(doc["ref"]),
-            principal=str(doc["principal"]),
-            updated_at=str(doc["updated_at"]),
-            signature=str(doc["signature"]),
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValidationError(f"audit checkpoint {path} is unreadable: {exc}") from exc
-
-
-# ---------------------------------------------------------------------- git objects
-
-
-class GitObjectReader:
-    """One ``git cat-file --batch`` process: reads objects, loose or packed, by id."""
-
-    def __init__(self, git_dir: Path) -> None:
-        self._git_dir = git_dir
-        self._proc = subprocess.Popen(
-            ["git", f"--git-dir={git_dir}", "cat-file", "--batch"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=git_env(),
-        )
-
-    def read(self, object_id: str) -> tuple[str, bytes]:
-        """``(type, content)`` of the object.
-
-        Raises:
-            OperationFailed: the object is missing (the message names it and the repository).
-        """
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        try:
-            self._proc.stdin.write(object_id.encode("ascii") + b"\n")
-            self._proc.stdin.flush()
-        except BrokenPipeError as exc:
-            raise OperationFailed(f"git cat-file stopped reading {self._git_dir}") from exc
-        header = self._proc.stdout.readline().split()
-        if len(header) != 3:
-            raise OperationFailed(f"git object {object_id} is missing from {self._git_dir}")
-        data = self._proc.stdout.read(int(header[2]) + 1)[:-1]
-        return header[1].decode("ascii"), data
-
-    def close(self) -> None:
-        """Stop the process."""
-        for stream in (self._proc.stdin, self._proc.stdout):
-            if stream is not None:
-                stream.close()
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-
-
-def _entry_header(type_code: int, size: int) -> bytearray:
-    out = bytearray()
-    byte = (type_code << 4) | (size & 0x0F)
-    size >>= 4
-    while size:
-        out.append(byte | 0x80)
-        byte, size = size & 0x7F, size >> 7
-    out.append(byte)
-    return out
-
-
-def _varint(n: int) -> bytearray:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return out
-
-
-def _copy_op(offset: int, size: int) -> bytearray:
-    out = bytearray()
-    while size > 0:
-        step = min(size, 0xFFFFFF)
-        op, args = 0x80, bytearray()
-        for i in range(4):
-            if (offset >> (8 * i)) & 0xFF:
-                op |= 1 << i
-                args.append((offset >> (8 * i)) & 0xFF)
-        for i in range(3):
-            if (step >> (8 * i)) & 0xFF:
-                op |= 0x10 << i
-                args.append((step >> (8 * i)) & 0xFF)
-        out.append(op)
-        out += args
-        offset, size = offset + step, size - step
-    return out
-
-
-def _splice_delta(base_size: int, at: int, removed: int, inserted: bytes) -> bytes:
-    """A git delta turning a base into: base[:at] + inserted + base[at + removed:]."""
-    out = _varint(base_size) + _varint(base_size - removed + len(inserted))
-    out += _copy_op(0, at)
-    for i in range(0, len(inserted), 0x7F):
-        piece = inserted[i : i + 0x7F]
-        out.append(len(piece))
-        out += piece
-    out += _copy_op(at + removed, base_size - at - removed)
-    return bytes(out)
-
-
-class _PackWriter:
-    """One batch's objects, written as one pack + ``.idx`` (v2) when the batch is complete.
-
-    A new version of a large tree whose previous version is already in this pack is stored as
-    an ``OFS_DELTA`` against it (the splice is known, so the delta is computed, not searched).
-    """
-
-    _TYPES: ClassVar[dict[bytes, int]] = {b"commit": 1, b"tree": 2, b"blob": 3}
-    _OFS_DELTA = 6
-
-    def __init__(self, pack_dir: Path, generation: int) -> None:
-        self.pack_dir = pack_dir
-        self.generation = generation
-        self._body = bytearray()
-        self._objects: dict[bytes, tuple[int, int]] = {}  # id -> (offset, crc32)
-        self.parked: dict[bytes, _Dir] = {}  # trees unloaded from the edit path this batch
-
-    def add(
-        self, kind: bytes, data: bytes, delta: tuple[int, bytes] | None = None
-    ) -> tuple[bytes, int]:
-        """Add an object (optionally as ``(base offset, delta)``); return its id and offset."""
-        digest = hashlib.sha1(b"%b %d\x00" % (kind, len(data)))
-        digest.update(data)
-        object_id = digest.digest()
-        if object_id in self._objects:
-            return object_id, self._objects[object_id][0]
-        offset = 12 + len(self._body)
-        if delta is None:
-            # A big day tree is mostly SHA-1 bytes: deflating 600 kB costs ~10 ms here and saves
-            # a third. Store it as is; the next repack turns it into a deflated delta anyway.
-            level = 0 if len(data) >= _STORE_MIN_SIZE else 1
-            entry = _entry_header(self._TYPES[kind], len(data)) + zlib.compress(data, level)
-        else:
-            distance = offset - delta[0]
-            rel = bytearray([distance & 0x7F])
-            distance >>= 7
-            while distance:
-                distance -= 1
-                rel.insert(0, 0x80 | (distance & 0x7F))
-                distance >>= 7
-            entry = _entry_header(self._OFS_DELTA, len(delta[1])) + rel
-            entry += zlib.compress(delta[1], 1)
-        self._body += entry
-        self._objects[object_id] = (offset, zlib.crc32(entry))
-        return object_id, offset
-
-    def write(self) -> None:
-        """Write the pack and its index durably (fsync, rename, fsync the directory)."""
-        if not self._objects:
-            return
-        head = b"PACK" + struct.pack(">II", 2, len(self._objects))
-        checksum = hashlib.sha1(head + self._body).digest()
-        ids = sorted(self._objects)
-        fanout, i = [], 0
-        for first in range(256):
-            while i < len(ids) and ids[i][0] <= first:
-                i += 1
-            fanout.append(i)
-        offsets: list[int] = []
-        large: list[int] = []
-        for object_id in ids:
-            offset = self._objects[object_id][0]
-            if offset < 0x80000000:
-                offsets.append(offset)
-            else:
-                offsets.append(0x80000000 | len(large))
-                large.append(offset)
-        idx = b"\xfftOc" + struct.pack(">I", 2) + struct.pack(">256I", *fanout) + b"".join(ids)
-        idx += struct.pack(f">{len(ids)}I", *(self._objects[o][1] for o in ids))
-        idx += struct.pack(f">{len(ids)}I", *offsets) + struct.pack(f">{len(large)}Q", *large)
-        idx += checksum
-        idx += hashlib.sha1(idx).digest()
-        name = f"pack-{checksum.hex()}"
-        token = secrets.token_hex(8)
-        tmp_pack = self.pack_dir / f"{_TMP_PREFIX}{token}.pack"
-        tmp_idx = self.pack_dir / f"{_TMP_PREFIX}{token}.idx"
-        for tmp, data in ((tmp_pack, (head, self._body, checksum)), (tmp_idx, (idx,))):
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444), "wb") as f:
-                for part in data:
-                    f.write(part)
-                f.flush()
-                os.fsync(f.fileno())
-        # The pack before its index: git only looks at packs that have one.
-        os.rename(tmp_pack, self.pack_dir / f"{name}.pack")
-        os.rename(tmp_idx, self.pack_dir / f"{name}.idx")
-        _fsync_dir(self.pack_dir)
-
-
-class _Dir:
-    """A tree being edited: its entries kept in git order, with at most one subdirectory loaded.
-
-    ``keys`` are the sort keys (a subtree's name + ``/``, as git orders them), ``chunks`` the
-    serialised entries, so writing the tree is one join however many entries it has. ``base``
-    is where its last version was written (pack generation, offset, delta depth) and ``edits``
-    the splices since, so the next version can be a delta against it.
-    """
-
-    __slots__ = ("base", "chunks", "edits", "keys", "loaded")
-
-    def __init__(self) -> None:
-        self.keys: list[bytes] = []
-        self.chunks: list[bytes] = []
-        self.loaded: tuple[bytes, _Dir] | None = None
-        self.base: tuple[int, int, int] | None = None
-        self.edits: list[tuple[int, int, bytes]] = []
-
-    @classmethod
-    def parse(cls, data: bytes) -> _Dir:
-        tree, i = cls(), 0
-        while i < len(data):
-            space = data.index(b" ", i)
-            nul = data.index(b"\x00", space)
-            name = data[space + 1 : nul]
-            tree.keys.append(name + b"/" if data[i:space] == b"40000" else name)
-            tree.chunks.append(data[i : nul + 21])
-            i = nul + 21
-        return tree
-
-    def _subtree_id(self, name: bytes) -> bytes | None:
-        i = bisect.bisect_left(self.keys, name + b"/")
-        if i < len(self.keys) and self.keys[i] == name + b"/":
-            return self.chunks[i][-20:]
-        return None
-
-    def child(self, name: bytes, reader: GitObjectReader, pack: _PackWriter) -> _Dir:
-        """The subdirectory ``name`` (empty if new), loaded in place of the one loaded before.
-
-        The one unloaded is parked in ``pack`` (its version may not be on disk before the pack
-        is written); the one loaded comes from there, else from the repository.
-        """
-        if self.loaded is not None:
-            if self.loaded[0] == name:
-                return self.loaded[1]
-            parked = self._subtree_id(self.loaded[0])
-            if parked is not None:
-                pack.parked[parked] = self.loaded[1]
-        object_id = self._subtree_id(name)
-        sub = pack.parked.pop(object_id, None) if object_id is not None else _Dir()
-        if sub is None and object_id is not None:
-            kind, data = reader.read(object_id.hex())
-            if kind != "tree":
-                raise OperationFailed(f"git object for directory {name!r} is a {kind}")
-            sub = _Dir.parse(data)
-        assert sub is not None
-        self.loaded = (name, sub)
-        return sub
-
-    def set(self, name: bytes, object_id: bytes, *, tree: bool) -> None:
-        key = name + b"/" if tree else name
-        chunk = (b"40000 " if tree else b"100644 ") + name + b"\x00" + object_id
-        i = bisect.bisect_left(self.keys, key)
-        replaced = i < len(self.keys) and self.keys[i] == key
-        if self.base is not None and not self.edits:
-            self.edits.append(
-                (sum(map(len, self.chunks[:i])), len(self.chunks[i]) if replaced else 0, chunk)
-            )
-        else:
-            self.edits.append((0, 0, b""))  # a second splice: the next version is written whole
-        if replaced:
-            self.chunks[i] = chunk
-        else:
-            self.keys.insert(i, key)
-            self.chunks.insert(i, chunk)
-
-    def write(self, pack: _PackWriter) -> bytes:
-        """Add this tree's current version to ``pack``; return its object id."""
-        data = b"".join(self.chunks)
-        delta = None
-        depth = 0
-        base = self.base
-        if (
-            base is not None
-            and base[0] == pack.generation
-            and base[2] < _MAX_DELTA_DEPTH
-            and len(self.edits) == 1
-            and len(data) >= _DELTA_MIN_SIZE
-        ):
-            at, removed, inserted = self.edits[0]
-            delta = (
-                base[1],
-                _splice_delta(len(data) - len(inserted) + removed, at, removed, inserted),
-            )
-            depth = base[2] + 1
-        object_id, offset = pack.add(b"tree", data, delta)
-        self.base, self.edits = (pack.generation, offset, depth), []
-        return object_id
 
 
 # ---------------------------------------------------------------------- the index
@@ -740,7 +224,7 @@ def _prepare(index: int, event: Any) -> _Prepared:
         dirs=tuple(d.encode("ascii") for d in dirs),
         file_name=file_name.encode("ascii"),
         blob=canonical_json(dict(event)),
-        author_time=max(0, int(_event_time(event.get("ts"), event_id).timestamp())),
+        author_time=max(0, int(event_time(event.get("ts"), event_id).timestamp())),
         subject=subject.encode("utf-8", "replace").decode("utf-8"),
     )
 
@@ -776,7 +260,7 @@ class GitMirror:
         self._git_dir = self.repo
         self._head: str | None = None
         self._seq = 0
-        self._root = _Dir()
+        self._root = Dir()
         self._generation = 0
         self._packs = 0
 
@@ -880,9 +364,9 @@ class GitMirror:
                 serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
             )
             pub = key.with_name(key.name + ".pub")
-            _write_durably(pub, public + b" " + PRINCIPAL.encode() + b"\n")
-            _write_durably(key, private, mode=0o600)  # last: the key's presence marks done
-            _fsync_dir(key.parent)
+            write_durably(pub, public + b" " + PRINCIPAL.encode() + b"\n")
+            write_durably(key, private, mode=0o600)  # last: the key's presence marks done
+            fsync_dir(key.parent)
             logger.info("created audit-mirror signing key %s", key)
         mode = key.stat().st_mode & 0o777
         if mode & 0o077:
@@ -899,7 +383,7 @@ class GitMirror:
         if line not in current.splitlines():
             # Old keys stay listed: commits they signed must keep verifying.
             prefix = current if not current or current.endswith("\n") else current + "\n"
-            _write_durably(path, (prefix + line + "\n").encode("utf-8"))
+            write_durably(path, (prefix + line + "\n").encode("utf-8"))
 
     def _ensure_repo(self) -> Path:
         repo = self.repo
@@ -916,7 +400,7 @@ class GitMirror:
             ):
                 _run(["git", f"--git-dir={tmp}", "config", key, value])
             os.rename(tmp, repo)
-            _fsync_dir(repo.parent)
+            fsync_dir(repo.parent)
             logger.info("initialised audit repository %s", repo)
         proc = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--absolute-git-dir"],
@@ -957,7 +441,7 @@ class GitMirror:
         """Load the head commit, its seq and its root tree from disk."""
         assert self._reader is not None
         self._head = self._read_ref()
-        self._root, self._seq = _Dir(), 0
+        self._root, self._seq = Dir(), 0
         if self._head is None:
             return
         info = self._commit(self._head)
@@ -967,7 +451,7 @@ class GitMirror:
                 "repository was changed outside the audit-mirror; run `prvng audit verify`"
             )
         self._seq = info.seq
-        self._root = _Dir.parse(self._reader.read(info.tree)[1])
+        self._root = Dir.parse(self._reader.read(info.tree)[1])
 
     def _reconcile(self) -> None:
         """Index the commits after the last indexed one (those of a batch cut by a crash)."""
@@ -1040,7 +524,7 @@ class GitMirror:
         in_batch: set[str] = set()
         base = self._head
         self._generation += 1
-        pack = _PackWriter(self._git_dir / "objects" / "pack", self._generation)
+        pack = PackWriter(self._git_dir / "objects" / "pack", self._generation)
         try:
             for item in prepared:
                 if item.event_id in in_batch or self.commit_for(item.event_id) is not None:
@@ -1080,7 +564,7 @@ class GitMirror:
             logger.exception("audit-mirror could not recover after a failed batch; reopen it")
             self.close()
 
-    def _write_commit(self, pack: _PackWriter, item: _Prepared) -> str:
+    def _write_commit(self, pack: PackWriter, item: _Prepared) -> str:
         assert self._reader is not None
         path = [self._root]
         for name in item.dirs:
@@ -1118,7 +602,7 @@ class GitMirror:
             f.flush()
             os.fsync(f.fileno())
         os.replace(lock, ref)
-        _fsync_dir(ref.parent)
+        fsync_dir(ref.parent)
 
     # ------------------------------------------------------------------ checkpoint, publish
 
@@ -1133,7 +617,7 @@ class GitMirror:
         doc = json.loads(payload)
         doc["signature"] = self._signer.sign(payload, CHECKPOINT_NAMESPACE)
         text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        _write_durably(self.checkpoint_path, text.encode("utf-8"))
+        write_durably(self.checkpoint_path, text.encode("utf-8"))
         return self.checkpoint_path
 
     def publish(self) -> list[PublishResult]:
@@ -1200,7 +684,7 @@ class GitMirror:
         running after its parent mirror was killed.
         """
         pack_dir = self._git_dir / "objects" / "pack"
-        for tmp in pack_dir.glob(f"{_TMP_PREFIX}*"):
+        for tmp in pack_dir.glob(f"{TMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)
         self._packs = self._count_packs()
 

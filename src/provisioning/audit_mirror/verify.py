@@ -32,14 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioning.audit_mirror.mirror import (
+from provisioning.audit_mirror.gitobjects import GitObjectReader, git_env
+from provisioning.audit_mirror.records import (
     CHECKPOINT_NAMESPACE,
     REF,
     Checkpoint,
-    GitObjectReader,
     canonical_json,
     event_path,
-    git_env,
     parse_commit,
     read_checkpoint,
 )
