@@ -7,6 +7,7 @@ reconciliation of records a crash left `dispatched`."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import time
@@ -207,6 +208,57 @@ async def test_an_unreachable_orchestrator_is_retried_with_growing_delays_then_g
     assert "gave up after 4 deliveries" in outcomes[-1].reason
     events = await world.audit("ops.audit.failed", 1)
     assert "gave up" in events[0]["details"]["reason"]
+
+
+@dataclass
+class Outage(Recorder):
+    """An orchestrator that does not answer (dispatch fails, ``ready()`` False) until ``up``."""
+
+    up: bool = False
+    probes: int = 0
+
+    async def dispatch(self, op: VerifiedOp) -> dict[str, Any]:
+        self.calls.append(op.jti)
+        if not self.up:
+            raise DispatchFailed("orchestrator not reachable (ConnectError)", retry=True)
+        return {"workflow_id": f"wf-{op.jti}"}
+
+    async def ready(self) -> bool:
+        self.probes += 1
+        return self.up
+
+
+async def test_a_long_outage_holds_the_ops_instead_of_failing_them(world: World) -> None:
+    """max_deliver is 4 with delays of 1, 2, 4 s: without the hold, an outage of ~8 s fails the
+    op. Held, the op meets the outage once, waits, and runs when the orchestrator is back."""
+    outage = Outage()
+    world.ctl.dispatcher = outage
+    first, p1 = world.token()
+    await world.send(first, p1)
+    world.start()
+    await wait_for("the first dispatch met the outage", lambda: len(outage.calls) == 1)
+    await wait_for("the controller holds", lambda: world.ctl.held_since is not None)
+    second, p2 = world.token()
+    await world.send(second, p2)  # arrives during the outage: not even tried
+    await asyncio.sleep(9)  # longer than max_deliver's delays would allow
+    assert outage.calls == [outage.calls[0]]
+    assert outage.probes >= 3
+    assert world.ctl.counts.get("term", 0) == 0
+
+    outage.up = True
+    await wait_for("both ran", lambda: world.ctl.counts.get("ack", 0) >= 2, 30)
+    assert world.ctl.held_since is None
+    assert world.ctl.counts.get("term", 0) == 0
+    assert sorted(set(outage.calls)) == sorted(
+        {json.loads(_payload(first))["jti"], json.loads(_payload(second))["jti"]}
+    )
+    done = await world.audit("ops.audit.completed", 2)
+    assert len(done) == 2
+
+
+def _payload(token: str) -> bytes:
+    body = token.split(".")[1]
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
 
 
 async def test_a_refusal_is_final_and_a_slow_dispatch_is_not_redelivered(world: World) -> None:

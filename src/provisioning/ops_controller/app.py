@@ -144,6 +144,12 @@ class OpsControllerService:
             "idempotency": self.settings.ops_controller.idempotency,
             "orchestrator": self.settings.orchestrator_url,
             "reconciled": self.reconciled,
+            # Seconds the consumption has been held for an orchestrator that does not answer.
+            "holding_s": (
+                None
+                if self.controller.held_since is None
+                else round(time.monotonic() - self.controller.held_since, 1)
+            ),
             "outcomes": dict(self.controller.counts),
             "last_error": self.last_error,
         }

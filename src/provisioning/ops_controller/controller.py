@@ -16,6 +16,13 @@ Every terminal outcome of a claimed token writes its audit event in the same tra
 cannot be trusted is audited straight to ``ops.audit.rejected`` (msg id = the message's
 digest, so a redelivery re-publishes the same event, de-duplicated by JetStream) before it is
 terminated. While a dispatch is slow, ``in_progress`` keeps the message from redelivery.
+
+An orchestrator that does not answer is waited for rather than retried against: after a
+passing failure, when the dispatcher offers ``ready()`` (the HTTP one probes ``GET /health``),
+the loop fetches nothing more until it answers again (probing every 0.5, 1, 2, 4, then 5 s).
+Messages left in the stream are not delivered meanwhile, so an outage of any length costs each
+message at most the delivery that met it, instead of burning through ``max_deliver`` and
+failing every op held up by a long outage.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -68,6 +76,8 @@ class Term:
 
 Outcome = Ack | Nak | Term
 
+_PROBE_MAX_S = 5.0  # longest wait between two probes of a silent orchestrator
+
 
 class DispatchFailed(Exception):
     """The dispatch did not happen: ``retry`` True for unreachable/5xx, False for 4xx."""
@@ -78,6 +88,9 @@ class DispatchFailed(Exception):
 
 
 class Dispatcher(Protocol):
+    """Hands ops to the orchestrator. It may also offer ``async def ready() -> bool`` (does the
+    orchestrator answer?): then the controller holds its consumption during an outage."""
+
     async def dispatch(self, op: VerifiedOp) -> dict[str, Any]:
         """Hand the op to the orchestrator; answer what it made (``workflow_id``…).
 
@@ -113,6 +126,8 @@ class OpsController:
     heartbeat_s: float = 10.0
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     counts: dict[str, int] = field(default_factory=dict)
+    #: monotonic time of the first passing dispatch failure of the current streak, else None
+    held_since: float | None = None
     _locks: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     def _count(self, outcome: Outcome) -> Outcome:
@@ -168,6 +183,8 @@ class OpsController:
         try:
             made = await self._with_heartbeat(delivery, self.dispatcher.dispatch(op))
         except DispatchFailed as exc:
+            if exc.retry and self.held_since is None:
+                self.held_since = time.monotonic()
             if exc.retry and delivery.num_delivered < self.max_deliver:
                 delay = min(self.max_delay_s, 2.0 ** max(0, delivery.num_delivered - 1))
                 return self._count(Nak(delay, str(exc)))
@@ -178,6 +195,7 @@ class OpsController:
             )
             await self._finish(op, "failed", reason=reason)
             return self._count(Term(reason))
+        self.held_since = None
         await self._finish(op, "completed", outcome=made)
         return self._count(Ack())
 
@@ -280,13 +298,51 @@ class OpsController:
         concurrently (each dispatch mostly waits on the orchestrator and the store), relay the
         outbox between fetches."""
         consumer = await self.bus.consumer("OPS_PENDING", "ops-controller")
+        failing = 0  # consecutive failed turns: logged at the first, then every 30th
         while not stop.is_set():
             try:
+                await self.hold_while_unreachable(stop)
+                if stop.is_set():
+                    return
                 deliveries = await consumer.fetch(batch, timeout_s=1.0)
                 await asyncio.gather(*(self.process(d) for d in deliveries))
                 await self.relay_outbox()
+                if failing:
+                    log.info("controller loop works again", extra={"failed_turns": failing})
+                failing = 0
             except asyncio.CancelledError:
                 raise
-            except Exception:  # NATS or the store hiccuped: unanswered messages come back
-                log.exception("controller loop failed; retrying")
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # NATS or the store hiccuped: unanswered messages come back
+                # A NATS leader election fails every fetch for seconds: one line, not a
+                # traceback a second.
+                if failing % 30 == 0:
+                    log.warning(
+                        "controller loop failed; retrying every second",
+                        extra={"error": f"{type(exc).__name__}: {exc}", "failed_turns": failing},
+                    )
+                failing += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def hold_while_unreachable(self, stop: asyncio.Event) -> None:
+        """After a passing dispatch failure, wait until the orchestrator answers (or ``stop``)
+        before taking more messages; a no-op for a dispatcher without ``ready()``."""
+        ready = getattr(self.dispatcher, "ready", None)
+        if self.held_since is None or ready is None:
+            return
+        delay, told = 0.5, False
+        while not stop.is_set():
+            if await ready():
+                if told:
+                    log.info(
+                        "orchestrator answers again; taking operations",
+                        extra={"held_s": round(time.monotonic() - self.held_since, 1)},
+                    )
+                self.held_since = None
+                return
+            if not told:
+                log.warning("orchestrator not answering; holding operations until it does")
+                told = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, _PROBE_MAX_S)

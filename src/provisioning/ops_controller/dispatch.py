@@ -76,6 +76,15 @@ class HttpDispatcher:
             f"orchestrator answered {resp.status_code}: {message}", retry=resp.status_code >= 500
         )
 
+    async def ready(self) -> bool:
+        """Whether the orchestrator answers ``GET /health`` (the controller holds its
+        consumption while it does not)."""
+        try:
+            resp = await self._http.get("/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
     async def lookup(self, jti: str) -> dict[str, Any] | None:
         if not self._api_key:
             return None
