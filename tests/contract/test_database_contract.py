@@ -76,6 +76,17 @@ async def test_writes_survive_closing_and_reopening_the_store(state_url: str) ->
     assert n == 3
 
 
+async def test_a_closed_store_works_again_when_used(db: Database) -> None:
+    """A service restarted by the supervisor (stop, then start) uses the store it closed."""
+    await db.run_write(lambda c: c.execute(update(counter).values(n=1)))
+    await db.close()
+    await db.run_write(lambda c: c.execute(update(counter).values(n=2)))
+    assert await db.run_read(_read_n) == 2
+    await db.close()
+    await db.close()  # twice in a row: harmless
+    assert await db.run_read(_read_n) == 2
+
+
 async def test_the_dialect_names_the_backend(db: Database, state_url: str) -> None:
     assert db.dialect == ("sqlite" if state_url.startswith("sqlite") else "postgresql")
 

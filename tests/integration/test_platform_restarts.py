@@ -6,6 +6,9 @@ One background loop of every service is cancelled in turn (a loop that is gone, 
 it, is a crash): the supervisor restarts that service, the others keep answering, and afterwards
 an operation still goes the whole way — keeper decision, NATS, controller, orchestrator, the
 control center's audit log and a signed commit in the audit mirror's repository.
+
+Standalone (`prvng serve`), a service owns its store and bus link: stopped and started again in
+place, as the supervisor restarts it, it must work on fresh ones, not on the closed ones.
 """
 
 from __future__ import annotations
@@ -158,3 +161,45 @@ async def _restarted(unit: Any, before: Any) -> bool:
         and unit.server is not None
         and unit.server.started
     )
+
+
+async def test_standalone_services_start_again_after_a_stop(tmp_path: Path) -> None:
+    """`prvng serve <service>` restarts a crashed service in place (stop, then start): a service
+    that owns its store, bus link and HTTP client must work after that, not on closed ones."""
+    from datetime import UTC, datetime
+
+    from provisioning.control_center.app import ControlCenterService
+    from provisioning.ops_controller.app import OpsControllerService
+
+    settings = load_settings(
+        home=tmp_path / "home",
+        env={},
+        overrides={
+            "state": {"sqlite_synchronous": "NORMAL"},
+            "nats": {"url": f"nats://127.0.0.1:{free_port()}"},  # nobody there: link retries
+            "control_center": {"admin_password": ADMIN, "port": free_port()},
+        },
+    )
+    cc = ControlCenterService(settings)
+    await cc.start()
+    await cc.stop()
+    await cc.start()
+    try:
+        transport = httpx.ASGITransport(app=cc.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cc") as http:
+            login = await http.post("/auth/login", json={"username": "admin", "password": ADMIN})
+        assert login.status_code == 200, login.text
+    finally:
+        await cc.stop()
+
+    ctl = OpsControllerService(settings)
+    await ctl.start()
+    await ctl.stop()
+    await ctl.start()
+    try:
+        record, new = await ctl.store.claim(
+            "jti-after-restart", "server.create", now=datetime.now(UTC)
+        )
+        assert new and record.state == "received"
+    finally:
+        await ctl.stop()

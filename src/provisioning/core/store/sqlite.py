@@ -41,8 +41,10 @@ class SqliteDatabase:
             max_overflow=4,
             connect_args={"check_same_thread": False},
         )
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
-        self._readers = ThreadPoolExecutor(3, thread_name_prefix="sqlite-read")
+        # Made on first use, and again after close(): a service restarted by the supervisor
+        # (stop, then start) uses its store again.
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         sync = synchronous
 
@@ -75,19 +77,33 @@ class SqliteDatabase:
         with self.engine.begin() as conn:
             return fn(conn)
 
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        return self._writer
+
+    def _reader_pool(self) -> ThreadPoolExecutor:
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(3, thread_name_prefix="sqlite-read")
+        return self._readers
+
     async def run_write(self, fn: Callable[[Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, fn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer_pool(), self._write, fn)
 
     async def run_read(self, fn: Callable[[Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, fn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader_pool(), self._read, fn)
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._shutdown)
+        """Finish what is queued, close the connections; a later call opens them again."""
+        pools = [p for p in (self._writer, self._readers) if p is not None]
+        self._writer = self._readers = None
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown, pools)
 
-    def _shutdown(self) -> None:
-        self._writer.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
+    def _shutdown(self, pools: list[ThreadPoolExecutor]) -> None:
+        for pool in pools:
+            pool.shutdown(wait=True)
         self.engine.dispose()
 
 
