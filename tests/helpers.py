@@ -12,7 +12,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["until", "until_sync"]
+import psutil
+
+__all__ = ["isolated_children", "until", "until_sync"]
 
 T = TypeVar("T")
 
@@ -48,3 +50,15 @@ def until_sync(
             return got
         assert time.monotonic() < deadline, f"still waiting after {timeout_s:g} s: {what}"
         time.sleep(interval_s)
+
+
+def isolated_children() -> list[psutil.Process]:
+    """This process's live descendants that are ``provisioning.core.isolated`` children."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "provisioning.core.isolated" in child.cmdline():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found

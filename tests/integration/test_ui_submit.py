@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
+from tests.helpers import isolated_children
 from tests.integration.test_ui_security import (
     USER_PASSWORD,
     Browser,
@@ -160,17 +160,6 @@ async def test_a_viewer_gets_no_form_and_a_forged_submission_is_refused(
     assert len(await workflows(p)) == before
 
 
-def evaluating_children() -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "provisioning.core.isolated" in child.cmdline():
-                found.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 async def test_a_nickel_text_that_never_ends_is_stopped_and_shown_as_a_problem(
     quick_platform: Platform,
 ) -> None:
@@ -184,7 +173,7 @@ async def test_a_nickel_text_that_never_ends_is_stopped_and_shown_as_a_problem(
     assert 'id="submit-problems"' in resp.text
     assert "never.ncl took longer than 1 s and was stopped" in resp.text
     assert "/tmp/" not in resp.text
-    assert not evaluating_children()  # the child was killed, not left running
+    assert not isolated_children()  # the child was killed, not left running
     assert len(await workflows(p)) == before
 
     # The control center still answers, and evaluates the next text.

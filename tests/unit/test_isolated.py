@@ -16,23 +16,13 @@ from provisioning.control_center.config_check import check_workspace
 from provisioning.core.errors import NickelError, UsageError, ValidationError
 from provisioning.core.isolated import ALLOWED, Limits, run
 from provisioning.core.nickel import evaluate
+from tests.helpers import isolated_children
 
 EVALUATE = "provisioning.core.nickel:evaluate"
 LIMITS = Limits(timeout_s=30, memory_mb=512)
 # Exponential time, little memory: never ends in practice.
 NEVER_ENDS = "let rec fib = fun n => if n < 2 then n else fib (n - 1) + fib (n - 2) in fib 100"
 MEMORY_BOMB = "std.array.generate (fun i => i) 200000000"
-
-
-def isolated_children() -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "provisioning.core.isolated" in child.cmdline():
-                found.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def test_the_childs_result_comes_back() -> None:

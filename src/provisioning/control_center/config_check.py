@@ -69,14 +69,13 @@ def check_workspace(
     except NickelError as exc:
         if exc.details.get("limit") is None:
             raise
-        message = exc.message
         return [
             {
                 "file": rel,
                 "line": None,
                 "column": None,
-                "message": message,
-                "detail": message,
+                "message": exc.message,
+                "detail": exc.message,
                 "related": [],
             }
         ]

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -44,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import provisioning
 from provisioning.core.errors import NickelError, ProvisioningError, UsageError, error_from_wire
+from provisioning.core.nickel import strip_ansi
+from provisioning.core.process import exit_reason
 
 if TYPE_CHECKING:
     from provisioning.core.settings import ControlCenterSettings
@@ -62,7 +63,6 @@ ALLOWED: Final[frozenset[str]] = frozenset(
 _ENV_KEPT = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 _KILL_WAIT_S = 5.0  # reaping a killed child; it cannot take long
 _TAIL = 300  # characters of the child's stderr an error message may show
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CPU_SIGNALS = {-signal.SIGXCPU}
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def run(
     if answer is None:
         if proc.returncode in _CPU_SIGNALS:
             raise _time_error(source, limits)
-        raise _memory_error(source, limits, _how(proc.returncode), tail)
+        raise _memory_error(source, limits, exit_reason(proc.returncode), tail)
     if "result" in answer:
         return answer["result"]
     if "error" in answer:
@@ -166,17 +166,8 @@ def _answer(out: bytes) -> dict[str, Any] | None:
 
 
 def _tail(err: bytes) -> str:
-    text = _ANSI.sub("", err.decode("utf-8", errors="replace")).strip()
+    text = strip_ansi(err.decode("utf-8", errors="replace")).strip()
     return text if len(text) <= _TAIL else "…" + text[-_TAIL:]
-
-
-def _how(returncode: int | None) -> str:
-    if returncode is not None and returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 def _time_error(source: str, limits: Limits) -> NickelError:

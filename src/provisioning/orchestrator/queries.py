@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.engine import Connection
 
 from provisioning.core.clock import as_utc
@@ -115,12 +115,7 @@ def list_workflows(
     q = select(workflows).order_by(workflows.c.created_at.desc(), workflows.c.id)
     if status:
         q = q.where(workflows.c.status == status)
-    if kind:
-        q = q.where(workflows.c.kind == kind)
-    if owner:
-        q = q.where(workflows.c.owner == owner)
-    if since:
-        q = q.where(workflows.c.created_at >= since)
+    q = _filtered(q, kind, owner, since)
     rows = conn.execute(q.limit(limit).offset(offset)).all()
     counts = task_counts(conn, [r.id for r in rows])
     return [workflow_doc(r, counts.get(r.id, {})) for r in rows]
@@ -134,13 +129,18 @@ def count_workflows(
 ) -> dict[str, int]:
     """How many workflows are in each status (one ``GROUP BY``, no rows read out)."""
     q = select(workflows.c.status, func.count()).group_by(workflows.c.status)
+    return {status: int(n) for status, n in conn.execute(_filtered(q, kind, owner, since))}
+
+
+def _filtered(q: Select[Any], kind: str | None, owner: str | None, since: datetime | None) -> Any:
+    """``q`` limited to the listing's filters (the same for rows and for counts)."""
     if kind:
         q = q.where(workflows.c.kind == kind)
     if owner:
         q = q.where(workflows.c.owner == owner)
     if since:
         q = q.where(workflows.c.created_at >= since)
-    return {status: int(n) for status, n in conn.execute(q)}
+    return q
 
 
 def get_task(conn: Connection, task_id: str) -> dict[str, Any]:

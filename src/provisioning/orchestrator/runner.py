@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioning.core.clock import utcnow
+from provisioning.core.process import exit_reason
 from provisioning.orchestrator.store import Claim, Result
 
 __all__ = ["AttemptRunner", "LogWriter", "input_env_name"]
@@ -375,7 +376,7 @@ class AttemptRunner:
             return Result(
                 claim.task_id, claim.attempt, claim.phase, ok=True, exit_code=0, outputs=outputs
             )
-        error = out_err or _exit_reason(code)
+        error = out_err or exit_reason(code)
         log.write("system", error)
         return Result(
             claim.task_id, claim.attempt, claim.phase, ok=False, exit_code=code, error=error
@@ -478,15 +479,6 @@ def _devnull() -> int:
 def _show(argv: list[str]) -> str:
     text = " ".join(argv)
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 def _read_outputs(path: Path) -> tuple[dict[str, Any], str | None]:

@@ -36,6 +36,7 @@ SINCE = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(day
 STATES = [s.value for s in WorkflowStatus]
 KINDS = [k.value for k in WorkflowKind]
 FINISHED = ("Completed", "Failed", "Cancelled", "RolledBack")
+_URGENT = frozenset({"Failed", "Running", "Cancelled", "RolledBack"})  # listed first
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 #: Button → (Cedar action, the states in which the orchestrator accepts it).
@@ -210,9 +211,15 @@ def _first_rows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     someone opening a big workflow looks for), then the others in order, ``TASK_ROWS`` in all."""
     if len(tasks) <= TASK_ROWS:
         return tasks
-    urgent = {"Failed", "Running", "Cancelled", "RolledBack"}
-    first = [t for t in tasks if t.get("status") in urgent][:TASK_ROWS]
-    picked = {id(t) for t in first}
-    rest = [t for t in tasks if id(t) not in picked][: TASK_ROWS - len(first)]
-    keep = {id(t) for t in first + rest}
-    return [t for t in tasks if id(t) in keep]  # in the workflow's order
+    urgent = min(TASK_ROWS, sum(1 for t in tasks if t.get("status") in _URGENT))
+    others = TASK_ROWS - urgent
+    rows: list[dict[str, Any]] = []  # in the workflow's order
+    for t in tasks:
+        if t.get("status") in _URGENT:
+            if urgent:
+                rows.append(t)
+                urgent -= 1
+        elif others:
+            rows.append(t)
+            others -= 1
+    return rows
