@@ -394,6 +394,48 @@ async def test_concurrency_keys_cap_running_tasks_per_key(make_service, tmp_path
     assert max_overlap(lines(solo)) == 1
 
 
+async def test_limits_hold_across_two_workers_sharing_a_store(make_service, tmp_path: Path) -> None:
+    # max_parallel 1 each: any two tasks running at once run on different workers, so every
+    # overlap below is between the workers, and a limit not counted across them shows as 2.
+    a = await make_service("worker-a", max_parallel=1, concurrency_limits={"pool": 2})
+    b = await make_service("worker-b", max_parallel=1, concurrency_limits={"pool": 2})
+    limited, solo, pool = tmp_path / "limited", tmp_path / "solo", tmp_path / "pool"
+    first = await submit(
+        a,
+        {
+            "name": "limited",
+            "parallel_limit": 1,
+            "tasks": [overlapping_task(f"l{i}", limited, together=1) for i in range(4)],
+        },
+    )
+    second = await submit(
+        b,
+        {
+            "name": "keyed",
+            "tasks": [
+                *(
+                    overlapping_task(f"s{i}", solo, together=1, concurrency_key="solo")
+                    for i in range(4)
+                ),
+                *(
+                    overlapping_task(f"p{i}", pool, together=2, concurrency_key="pool")
+                    for i in range(2)
+                ),
+            ],
+        },
+    )
+    workers: set[str] = set()
+    for wf_id in (first, second):
+        doc = await wait_workflow(a, wf_id)
+        assert doc["status"] == "Completed"
+        workers |= {att["worker"] for t in doc["tasks"] for att in t["attempts"]}
+    assert len(lines(limited)) == 8 and len(lines(solo)) == 8 and len(lines(pool)) == 4
+    assert max_overlap(lines(limited)) == 1
+    assert max_overlap(lines(solo)) == 1
+    assert max_overlap(lines(pool)) == 2  # the key allows two: one on each worker
+    assert workers == {"worker-a", "worker-b"}
+
+
 # ---------------------------------------------------------------------------- dependencies
 
 

@@ -55,7 +55,7 @@ WS = WorkflowStatus
 ACTIVE = (TS.RUNNING.value, TS.ROLLING_BACK.value)
 WAITING = (TS.PENDING.value, TS.READY.value)
 TERMINAL_WF = (WS.COMPLETED.value, WS.FAILED.value, WS.CANCELLED.value, WS.ROLLED_BACK.value)
-_CLAIM_LOCK_KEY = 0x70726E67  # serialises claims across PostgreSQL workers (limits stay exact)
+_CLAIM_LOCK_KEY = 0x70726E67  # serialises counting claims across PostgreSQL workers (_Counts)
 _CHUNK = 500
 
 # Which end states of a dependency let a dependant run, per dependency kind.
@@ -167,8 +167,18 @@ _NEXT_AT = (
 _ROLLING = exists().where(_rolling.c.status == WS.ROLLING_BACK.value, _rolling.c.draining.is_(None))
 _META = select(_NEXT_AT.label("next_at"), _ROLLING.label("rolling"))
 
+# Candidates: only what picking within the limits needs, unlocked. Reading (and, on
+# PostgreSQL, locking) the 64+ candidate rows whole, with their JSON, cost more than the rest
+# of a claim; now only the chosen few are read whole and locked, by _CHOSEN.
 _READY = (
-    select(*_CLAIM_COLS, _NEXT_AT.label("next_at"), _ROLLING.label("rolling"))
+    select(
+        tasks.c.id,
+        tasks.c.workflow_id,
+        tasks.c.concurrency_key,
+        workflows.c.parallel_limit,
+        _NEXT_AT.label("next_at"),
+        _ROLLING.label("rolling"),
+    )
     .join(workflows, workflows.c.id == tasks.c.workflow_id)
     .where(
         tasks.c.status == TS.READY.value,
@@ -179,7 +189,25 @@ _READY = (
     .order_by(tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
     .limit(bindparam("b_limit", type_=Integer))
 )
-_READY_PG = _READY.with_for_update(of=tasks, skip_locked=True)
+# Of the picked candidates, the first ``b_limit`` still ready, whole. The conditions are
+# checked again on the current rows; on PostgreSQL the rows are locked, and one another
+# transaction is changing (another worker claiming the same candidates, a finish cancelling
+# them) is skipped rather than waited for: no deadlock with a finish that cancels ready tasks
+# and then waits for the claim lock, and two workers reading the same candidates at once
+# each start different ones.
+_CHOSEN = (
+    select(*_CLAIM_COLS)
+    .join(workflows, workflows.c.id == tasks.c.workflow_id)
+    .where(
+        tasks.c.id.in_(bindparam("b_ids", expanding=True)),
+        tasks.c.status == TS.READY.value,
+        or_(workflows.c.status == WS.PENDING.value, workflows.c.status == WS.RUNNING.value),
+        workflows.c.draining.is_(None),
+    )
+    .order_by(tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
+    .limit(bindparam("b_limit", type_=Integer))
+)
+_CHOSEN_PG = _CHOSEN.with_for_update(of=tasks, skip_locked=True)
 
 _START_TASKS = (
     update(tasks)
@@ -203,10 +231,18 @@ _OUTPUTS_OF = select(tasks.c.name, tasks.c.outputs).where(
 
 class _Counts:
     """Tasks running now per workflow and per concurrency key, read from the store only when
-    a limit needs them (most claims are of tasks with neither a workflow limit nor a key)."""
+    a limit needs them (most claims are of tasks with neither a workflow limit nor a key).
 
-    def __init__(self, conn: Connection) -> None:
+    On PostgreSQL, loading first takes the claim lock (transaction-scoped, so held until
+    commit): every claim that counts is serialised with every other one that counts, and each
+    reads the counts after the previous one committed its claims, so limits hold across
+    workers. A claim of tasks no limit applies to never counts, so it takes no lock and runs
+    beside the others; the rows it starts are locked one by one (``_CHOSEN_PG``).
+    """
+
+    def __init__(self, conn: Connection, dialect: str) -> None:
         self._conn = conn
+        self._dialect = dialect
         self.loaded = False
         self.per_wf: dict[str, int] = {}
         self.per_key: dict[str, int] = {}
@@ -215,6 +251,8 @@ class _Counts:
         if self.loaded:
             return
         self.loaded = True
+        if self._dialect == "postgresql":
+            self._conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CLAIM_LOCK_KEY})
         added_wf, added_key = self.per_wf, self.per_key  # claimed earlier in this transaction
         self.per_wf, self.per_key = {}, {}
         for wf_id, key, n in self._conn.execute(_ACTIVE_COUNTS):
@@ -238,12 +276,10 @@ def claim(
 ) -> tuple[list[Claim], datetime | None]:
     """Claim ready tasks (and due rollbacks) within the limits; return them and, when slots
     remain free, the earliest future ``ready_at`` (when to look again)."""
-    if dialect == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CLAIM_LOCK_KEY})
     free = limits.free_slots
     if free <= 0:
         return [], None
-    counts = _Counts(conn)
+    counts = _Counts(conn, dialect)
     chosen, meta = _pick_ready(conn, dialect, now, free, counts, limits)
     if meta is None:  # nothing ready: the same facts from a query of their own
         meta = conn.execute(_META, {"b_now": now}).one()
@@ -264,12 +300,19 @@ def _pick_ready(
     counts: _Counts,
     limits: Limits,
 ) -> tuple[list[Any], Any]:
-    q = _READY_PG if dialect == "postgresql" else _READY
-    chosen: list[Any] = []
+    """The ready tasks to start now, in priority order, whole and (PostgreSQL) locked; and the
+    first candidate row, which carries ``next_at`` and ``rolling`` (None: no candidate).
+
+    Up to twice ``free`` candidates the limits allow are offered to ``_CHOSEN``, which starts
+    the first ``free`` of them nobody else holds: another worker reading the same candidates
+    at the same moment takes the next ones instead of finding its picks all taken.
+    """
+    picked: list[str] = []
     meta = None
-    for row in conn.execute(q, {"b_now": now, "b_limit": max(64, free * 8)}):
-        meta = row
-        if len(chosen) >= free:
+    for row in conn.execute(_READY, {"b_now": now, "b_limit": max(64, free * 8)}):
+        if meta is None:
+            meta = row
+        if len(picked) >= 2 * free:
             break
         wf_limit = row.parallel_limit
         key = row.concurrency_key
@@ -283,8 +326,11 @@ def _pick_ready(
                 continue
             per_key[key] = per_key.get(key, 0) + 1
         per_wf[row.workflow_id] = per_wf.get(row.workflow_id, 0) + 1
-        chosen.append(row)
-    return chosen, meta
+        picked.append(row.id)
+    if not picked:
+        return [], meta
+    q = _CHOSEN_PG if dialect == "postgresql" else _CHOSEN
+    return list(conn.execute(q, {"b_ids": picked, "b_limit": free})), meta
 
 
 def _pick_rollbacks(conn: Connection, counts: _Counts, free: int) -> list[Any]:
@@ -687,9 +733,12 @@ def propagate(
                 entry[1] = 1
         if not down:
             return released
+        # In id order: two workers finishing neighbours update the same dependants, and rows
+        # locked in one order by both cannot deadlock (a deadlock costs PostgreSQL's
+        # deadlock_timeout, 1 s by default, and one of the two turns).
         conn.execute(
             _COUNT_DOWN,
-            [{"b_id": tid, "b_n": n, "b_block": block} for tid, (n, block) in down.items()],
+            [{"b_id": tid, "b_n": down[tid][0], "b_block": down[tid][1]} for tid in sorted(down)],
         )
         skipped: list[str] = []
         for chunk in _chunks(sorted(down)):
