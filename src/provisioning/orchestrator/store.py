@@ -4,8 +4,9 @@ The store is the source of truth; the engine's in-memory state is only what it r
 rebuilt from here on start. :class:`WorkflowStore` is the async face; the transaction bodies
 live in :mod:`.transitions` (writes) and :mod:`.queries` (reads) and run on any
 :class:`~provisioning.core.store.Database` (SQLite or PostgreSQL). On PostgreSQL, claims lock
-rows with ``FOR UPDATE SKIP LOCKED`` under a transaction-scoped advisory lock, so several
-workers share one workflow without breaking limits.
+the rows they start with ``FOR UPDATE SKIP LOCKED``, and a claim that counts a limit does so
+under a transaction-scoped advisory lock, so several workers share one workflow without
+breaking limits.
 """
 
 from __future__ import annotations
