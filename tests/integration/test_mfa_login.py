@@ -17,12 +17,12 @@ ADMIN_PW = "mfa-admin-password-1"
 
 
 @pytest.fixture
-async def cc(tmp_path: Path) -> AsyncIterator[ControlCenterService]:
+async def cc(tmp_path: Path, state_url: str) -> AsyncIterator[ControlCenterService]:
     settings = load_settings(
         home=tmp_path,
         env={},
         overrides={
-            "state": {"sqlite_synchronous": "NORMAL"},
+            "state": {"url": state_url, "sqlite_synchronous": "NORMAL"},
             "control_center": {"admin_password": ADMIN_PW, "mfa_required_roles": ["operator"]},
         },
     )
@@ -97,3 +97,37 @@ async def test_a_role_that_demands_mfa_can_only_enrol_until_it_has(
         ]
         allowed = await c.get("/audit", headers={"Authorization": f"Bearer {fresh}"})
         assert allowed.status_code == 200, allowed.text
+
+
+async def test_enrolling_ends_the_other_logins_made_without_mfa(cc: ControlCenterService) -> None:
+    async with _client(cc) as c:
+        logins = [(await _login(c, "admin", ADMIN_PW)).json()["data"] for _ in range(3)]
+        enrolling, *others = logins
+        auth = {"Authorization": f"Bearer {enrolling['access_token']}"}
+        secret = (await c.post("/auth/mfa/enroll", headers=auth)).json()["data"]["secret"]
+        for other in others:  # still fine while enrolment waits for its code
+            ok = await c.get(
+                "/auth/whoami", headers={"Authorization": f"Bearer {other['access_token']}"}
+            )
+            assert ok.status_code == 200, ok.text
+        confirmed = await c.post(
+            "/auth/mfa/confirm", headers=auth, json={"code": pyotp.TOTP(secret).now()}
+        )
+        assert confirmed.status_code == 200, confirmed.text
+
+        for other in others:
+            gone = await c.get(
+                "/auth/whoami", headers={"Authorization": f"Bearer {other['access_token']}"}
+            )
+            assert gone.status_code == 401, gone.text
+            refreshed = await c.post(
+                "/auth/refresh", json={"refresh_token": other["refresh_token"]}
+            )
+            assert refreshed.status_code == 401, refreshed.text
+        # The login that proved the code goes on, and the record says what was ended.
+        assert (await c.get("/auth/whoami", headers=auth)).status_code == 200
+        records = await c.get(
+            "/audit", headers=auth, params={"action": "auth:mfa_enroll", "limit": 10}
+        )
+        details = [r["details"] for r in records.json()["data"]]
+        assert {"other_logins_ended": 2} in details, details

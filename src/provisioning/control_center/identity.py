@@ -41,6 +41,7 @@ __all__ = [
     "parse_api_key",
     "revoke_api_key",
     "revoke_family",
+    "revoke_other_families",
     "rotate_refresh",
     "update_user",
     "user_doc",
@@ -240,6 +241,21 @@ def revoke_family(conn: Connection, family_id: str, now: datetime) -> int:
         .values(revoked_at=now)
     )
     return int(result.rowcount or 0)
+
+
+def revoke_other_families(
+    conn: Connection, user_id: str, keep: str | None, now: datetime
+) -> list[str]:
+    """End every login of the user but ``keep`` (a family id); the families ended."""
+    q = select(refresh_tokens.c.family_id).where(
+        refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None)
+    )
+    if keep is not None:
+        q = q.where(refresh_tokens.c.family_id != keep)
+    families = sorted({r.family_id for r in conn.execute(q)})
+    for family_id in families:
+        revoke_family(conn, family_id, now)
+    return families
 
 
 def family_revoked(conn: Connection, family_id: str) -> bool:

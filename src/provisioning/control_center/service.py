@@ -375,12 +375,25 @@ class IdentityService:
         if step is None:
             raise ValidationError("MFA code is not valid", field="code")
         now = _now()
-        await self._write(
-            lambda c: identity.update_user(
-                c, ident.subject, now, mfa_secret=secret, mfa_last_step=step
-            ),
-            actor.event("auth:mfa_enroll", object_type="User", object_id=ident.subject),
-        )
+
+        def body(conn: Connection) -> list[str]:
+            identity.update_user(conn, ident.subject, now, mfa_secret=secret, mfa_last_step=step)
+            # Logins made without MFA end (a stolen password's session among them), except
+            # the one that just proved the code.
+            ended = identity.revoke_other_families(conn, ident.subject, ident.session, now)
+            audit_log.append(
+                conn,
+                actor.event(
+                    "auth:mfa_enroll",
+                    object_type="User",
+                    object_id=ident.subject,
+                    details={"other_logins_ended": len(ended)},
+                ),
+            )
+            return ended
+
+        for family in await self.db.run_write(body):
+            self._sessions.pop(family, None)  # not "still valid" from the cache
         self._pending_mfa.pop(ident.subject, None)
 
     # ------------------------------------------------------------------ users
