@@ -74,6 +74,35 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert load_settings(home=home, env={}).orchestrator.port == 8080
 
 
+def test_init_and_status_take_the_data_dir_after_the_command_too(tmp_path: Path) -> None:
+    # `prvng platform init --data-dir D`, as well as the global `prvng --data-dir D platform
+    # init`; the command's own flag wins over the global one.
+    home, other = tmp_path / "home", tmp_path / "elsewhere"
+    done = prvng("platform", "init", "--data-dir", str(home), data_dir=other)
+    assert done.returncode == 0, show(done)
+    assert (home / "config" / "platform.ncl").is_file()
+    assert not (other / "config" / "platform.ncl").exists()
+    status = prvng("platform", "status", "--data-dir", str(home), data_dir=other)
+    assert status.returncode == 3, show(status)  # nothing runs there
+    assert "not running" in status.stderr, show(status)
+
+
+def test_a_usage_error_is_a_message_and_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    cases = {
+        ("workflow", "list", "--bogus"): "No such option: --bogus",
+        ("workflow", "show"): "Missing argument",
+        ("nosuchcommand",): "No such command 'nosuchcommand'",
+        ("workflow", "list", "--limit", "many"): "Invalid value for '--limit'",
+    }
+    for args, message in cases.items():
+        done = prvng(*args, data_dir=home)
+        assert done.returncode == 2, show(done)
+        assert message in done.stderr, show(done)
+        assert "Traceback" not in done.stderr and "Usage: prvng" in done.stderr, show(done)
+        assert done.stdout == "", show(done)
+
+
 def _config(home: Path, ports: dict[str, int]) -> None:
     (home / "config").mkdir(parents=True)
     body = ", ".join(f"{section} = {{ port = {port} }}" for section, port in ports.items())

@@ -119,7 +119,7 @@ def _global(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prvng` console script."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="prvng", standalone_mode=False)
     except ProvisioningError as exc:
         if (
             isinstance(exc, NickelError)
@@ -135,17 +135,28 @@ def main(argv: list[str] | None = None) -> int:
                 soft_wrap=True,
             )
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return int(exc.exit_code)
-    except click.exceptions.Abort:
+    except _ABORT:
         err_console.print("aborted")
         return 1
-    except click.ClickException as exc:
-        exc.show()
+    except _USAGE as exc:  # unknown command or option, missing argument, bad value
+        if isinstance(exc, click.ClickException) or hasattr(exc, "show"):
+            exc.show()  # usage line, hint and the error, as Click prints them
+        else:
+            err_console.print(f"Error: {exc.format_message()}", highlight=False, markup=False)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    # Without standalone mode, Typer answers the code of an Exit raised in a command.
+    return code if type(code) is int else 0
+
+
+# Typer >= 0.29 carries its own copy of Click (typer._click): its exceptions are not Click's.
+# Both are caught, so that a usage error is a message and exit code 2, never a traceback.
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = (click.ClickException, typer.TyperException)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import typer
 
 from provisioning import __version__
 from provisioning.cli.output import console, err_console, render
-from provisioning.cli.state import run, state_of
+from provisioning.cli.state import CliState, run, state_of
 from provisioning.control_center.client import ControlCenterClient
 from provisioning.core.errors import OperationFailed, ProvisioningError, Unreachable
 from provisioning.core.settings import Settings, default_home, service_url
@@ -45,6 +45,21 @@ Port = Annotated[
         "--port", help="Orchestrator port, default 8080 \\[env PRVNG_ORCHESTRATOR__PORT]."
     ),
 ]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Data dir of the platform (as the global --data-dir) \\[env PRVNG_HOME].",
+    ),
+]
+
+
+def _state(ctx: typer.Context, data_dir: Path | None) -> CliState:
+    """The CLI state, with this command's --data-dir (if given) over the global one."""
+    st = state_of(ctx)
+    if data_dir is not None:
+        st.home = data_dir
+    return st
 
 
 def _overrides(host: str | None, port: int | None) -> dict[str, Any]:
@@ -57,6 +72,7 @@ def init(
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing platform.ncl.")
     ] = False,
+    data_dir: DataDir = None,
 ) -> None:
     """Write <data dir>/config/platform.ncl with every setting, its default and what it does.
 
@@ -65,7 +81,7 @@ def init(
     """
     from provisioning.platform.init_file import write_platform_ncl
 
-    st = state_of(ctx)
+    st = _state(ctx, data_dir)
     # Not st.settings(): the file being replaced may be the broken one.
     home = (st.home or Path(os.environ.get("PRVNG_HOME") or default_home())).expanduser()
     path = write_platform_ncl(home / "config" / "platform.ncl", force=force)
@@ -116,6 +132,7 @@ def start(
         bool,
         typer.Option("--background", "-d", help="Detach, write the pid file, return when healthy."),
     ] = False,
+    data_dir: DataDir = None,
 ) -> None:
     """Run the platform in the foreground until Ctrl-C / SIGTERM: the control center, the
     orchestrator, the ops-keeper, ops-controller and audit-mirror, and a supervised nats-server
@@ -129,7 +146,7 @@ def start(
     task logs, JetStream store, pid file. Running tasks survive a restart: they are recovered on
     the next start.
     """
-    st = state_of(ctx)
+    st = _state(ctx, data_dir)
     settings = st.settings(**_overrides(host, port))
     if PidFile(settings.run_dir).read() is None:
         # Every port before anything starts (in --background mode: a usage error here rather
@@ -266,12 +283,13 @@ def _healthy(url: str) -> bool:
 def stop(
     ctx: typer.Context,
     timeout: Annotated[float, typer.Option(help="Seconds to wait before SIGKILL.")] = 30.0,
+    data_dir: DataDir = None,
 ) -> None:
     """Stop a platform started on this data dir (SIGTERM, then SIGKILL after --timeout).
 
     Running task attempts are not killed: the next start recovers them.
     """
-    settings = state_of(ctx).settings()
+    settings = _state(ctx, data_dir).settings()
     pidfile = PidFile(settings.run_dir)
     pid = pidfile.read()
     if pid is None:
@@ -289,13 +307,13 @@ def stop(
 
 
 @app.command()
-def status(ctx: typer.Context) -> None:
+def status(ctx: typer.Context, data_dir: DataDir = None) -> None:
     """Show whether the platform runs, and each service's health, version, uptime and address.
 
     The addresses are those the running platform recorded in its pid file (else the settings).
     Exit code 3 when it is not running or a service is not healthy.
     """
-    st = state_of(ctx)
+    st = _state(ctx, data_dir)
     settings = st.settings()
     pidfile = PidFile(settings.run_dir)
     pid = pidfile.read()
