@@ -94,6 +94,10 @@ def test_a_usage_error_is_a_message_and_exit_2_not_a_traceback(tmp_path: Path) -
         ("workflow", "show"): "Missing argument",
         ("nosuchcommand",): "No such command 'nosuchcommand'",
         ("workflow", "list", "--limit", "many"): "Invalid value for '--limit'",
+        # A check of the command's own (typer.BadParameter).
+        ("workflow", "submit", "examples/workflows/hello.ncl", "--target", "dev/x"): (
+            "Invalid value for --target: goes with --via-ops only"
+        ),
     }
     for args, message in cases.items():
         done = prvng(*args, data_dir=home)
