@@ -131,3 +131,19 @@ async def test_enrolling_ends_the_other_logins_made_without_mfa(cc: ControlCente
         )
         details = [r["details"] for r in records.json()["data"]]
         assert {"other_logins_ended": 2} in details, details
+
+
+async def test_only_the_login_that_started_an_enrolment_can_see_or_confirm_it(
+    cc: ControlCenterService,
+) -> None:
+    async with _client(cc) as c:
+        tokens = [(await _login(c, "admin", ADMIN_PW)).json()["data"] for _ in range(2)]
+        mine, other = ({"Authorization": f"Bearer {t['access_token']}"} for t in tokens)
+        secret = (await c.post("/auth/mfa/enroll", headers=mine)).json()["data"]["secret"]
+        code = pyotp.TOTP(secret).now()
+        # Another login of the same user (a stolen password, say) cannot finish it.
+        refused = await c.post("/auth/mfa/confirm", headers=other, json={"code": code})
+        assert refused.status_code == 409, refused.text
+        assert "same login" in refused.json()["error"]["message"]
+        confirmed = await c.post("/auth/mfa/confirm", headers=mine, json={"code": code})
+        assert confirmed.status_code == 200, confirmed.text

@@ -140,15 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     except _ABORT:
         err_console.print("aborted")
         return 1
-    except _USAGE as exc:  # unknown command or option, missing argument, bad value
+    except _USAGE as exc:  # unknown command or option, missing argument, bad value: 2
         if isinstance(exc, click.ClickException) or hasattr(exc, "show"):
             exc.show()  # usage line, hint and the error, as Click prints them
         else:
             err_console.print(f"Error: {exc.format_message()}", highlight=False, markup=False)
-        return 2
+        return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
-    # Without standalone mode, Typer answers the code of an Exit raised in a command.
+    # Without standalone mode, Typer answers the code of an Exit raised in a command (and a
+    # command's own return value otherwise: commands return None, their codes go by Exit).
     return code if type(code) is int else 0
 
 

@@ -99,7 +99,9 @@ class IdentityService:
         self._states: dict[str, tuple[float, bool, float]] = {}
         # login (refresh family) -> (fetched at, ended): logout reaches its access tokens too
         self._sessions: dict[str, tuple[float, bool]] = {}
-        self._pending_mfa: dict[str, str] = {}  # user id -> secret awaiting confirmation
+        # (user id, login) -> secret awaiting confirmation: only the login that started an
+        # enrolment sees its secret again or confirms it.
+        self._pending_mfa: dict[tuple[str, str | None], str] = {}
 
     async def migrate(self) -> None:
         await upgrade(
@@ -221,6 +223,15 @@ class IdentityService:
         st = self.settings
 
         def body(conn: Connection) -> identity.IssuedRefresh:
+            if step is None:
+                # MFA confirmed since the user was read (outside this transaction): no login
+                # without it now. The row lock orders this against ``mfa_confirm``, which
+                # ends every other login in the transaction that sets the secret.
+                q = select(users.c.mfa_secret).where(users.c.id == user.id)
+                if conn.dialect.name == "postgresql":
+                    q = q.with_for_update()
+                if conn.execute(q).scalar():
+                    raise Unauthorized("MFA code required", mfa_required=True)
             values: dict[str, Any] = {}
             if new_hash:
                 values["password_hash"] = new_hash
@@ -345,7 +356,7 @@ class IdentityService:
         if user.mfa_secret:
             raise InvalidState("MFA is already enabled for this user")
         secret = mfa.new_secret()
-        self._pending_mfa[ident.subject] = secret
+        self._pending_mfa[(ident.subject, ident.session)] = secret
         await self.audit(
             actor.event(
                 "auth:mfa_enroll",
@@ -360,7 +371,7 @@ class IdentityService:
         """The caller's enrolment awaiting confirmation (``{secret, uri}``, as
         :meth:`mfa_enroll` answered it), or None: the web UI shows it again next to a wrong
         code, to the same user only."""
-        secret = self._pending_mfa.get(ident.subject)
+        secret = self._pending_mfa.get((ident.subject, ident.session))
         if secret is None or ident.kind == "apikey":
             return None
         return {"secret": secret, "uri": mfa.provisioning_uri(secret, ident.username)}
@@ -368,9 +379,9 @@ class IdentityService:
     async def mfa_confirm(self, ident: Identity, code: str, actor: Actor) -> None:
         if ident.kind == "apikey":
             raise Forbidden("MFA is enrolled by the user logged in, not with an API key")
-        secret = self._pending_mfa.get(ident.subject)
+        secret = self._pending_mfa.get((ident.subject, ident.session))
         if secret is None:
-            raise InvalidState("start with POST /auth/mfa/enroll")
+            raise InvalidState("start with POST /auth/mfa/enroll (in this same login)")
         step = mfa.verify_totp(secret, code, last_used_step=None)
         if step is None:
             raise ValidationError("MFA code is not valid", field="code")
@@ -394,7 +405,9 @@ class IdentityService:
 
         for family in await self.db.run_write(body):
             self._sessions.pop(family, None)  # not "still valid" from the cache
-        self._pending_mfa.pop(ident.subject, None)
+        # Other logins' pending enrolments of this user are void now.
+        for pending in [k for k in self._pending_mfa if k[0] == ident.subject]:
+            del self._pending_mfa[pending]
 
     # ------------------------------------------------------------------ users
 

@@ -57,6 +57,7 @@ WAITING = (TS.PENDING.value, TS.READY.value)
 TERMINAL_WF = (WS.COMPLETED.value, WS.FAILED.value, WS.CANCELLED.value, WS.ROLLED_BACK.value)
 _CLAIM_LOCK_KEY = 0x70726E67  # serialises counting claims across PostgreSQL workers (_Counts)
 _CHUNK = 500
+_LOOK_AGAIN_S = 0.02  # after other workers took this claim's picks (see claim)
 
 # Which end states of a dependency let a dependant run, per dependency kind.
 ALLOWED = {
@@ -201,6 +202,8 @@ _CHOSEN = (
     .where(
         tasks.c.id.in_(bindparam("b_ids", expanding=True)),
         tasks.c.status == TS.READY.value,
+        # A pick that failed meanwhile and waits out its retry delay is not due.
+        tasks.c.ready_at <= bindparam("b_now"),
         or_(workflows.c.status == WS.PENDING.value, workflows.c.status == WS.RUNNING.value),
         workflows.c.draining.is_(None),
     )
@@ -280,7 +283,7 @@ def claim(
     if free <= 0:
         return [], None
     counts = _Counts(conn, dialect)
-    chosen, meta = _pick_ready(conn, dialect, now, free, counts, limits)
+    chosen, meta, taken = _pick_ready(conn, dialect, now, free, counts, limits)
     if meta is None:  # nothing ready: the same facts from a query of their own
         meta = conn.execute(_META, {"b_now": now}).one()
     claims = _start(conn, chosen, "run", worker, now, lease_s, log_dir)
@@ -289,7 +292,13 @@ def claim(
         chosen = _pick_rollbacks(conn, counts, free)
         claims += _start(conn, chosen, "rollback", worker, now, lease_s, log_dir)
         free -= len(chosen)
-    return claims, (as_utc(meta.next_at) if free > 0 else None)
+    if free <= 0:
+        return claims, None
+    next_at = as_utc(meta.next_at)
+    if taken:  # other workers took picks of this turn: more may be ready, look again soon
+        soon = now + timedelta(seconds=_LOOK_AGAIN_S)
+        next_at = soon if next_at is None else min(next_at, soon)
+    return claims, next_at
 
 
 def _pick_ready(
@@ -299,9 +308,10 @@ def _pick_ready(
     free: int,
     counts: _Counts,
     limits: Limits,
-) -> tuple[list[Any], Any]:
-    """The ready tasks to start now, in priority order, whole and (PostgreSQL) locked; and the
-    first candidate row, which carries ``next_at`` and ``rolling`` (None: no candidate).
+) -> tuple[list[Any], Any, bool]:
+    """The ready tasks to start now, in priority order, whole and (PostgreSQL) locked; the
+    first candidate row, which carries ``next_at`` and ``rolling`` (None: no candidate); and
+    whether picks were missed because another transaction holds or took them.
 
     Up to twice ``free`` candidates the limits allow are offered to ``_CHOSEN``, which starts
     the first ``free`` of them nobody else holds: another worker reading the same candidates
@@ -312,6 +322,11 @@ def _pick_ready(
     for row in conn.execute(_READY, {"b_now": now, "b_limit": max(64, free * 8)}):
         if meta is None:
             meta = row
+            if row.rolling:
+                # A rollback may be picked after these rows are locked, and picking one takes
+                # the claim lock: take it first, as every other claim that takes it does, or a
+                # counting claim holding it and waiting for one of our rows deadlocks with us.
+                counts.load()
         if len(picked) >= 2 * free:
             break
         wf_limit = row.parallel_limit
@@ -328,9 +343,10 @@ def _pick_ready(
         per_wf[row.workflow_id] = per_wf.get(row.workflow_id, 0) + 1
         picked.append(row.id)
     if not picked:
-        return [], meta
+        return [], meta, False
     q = _CHOSEN_PG if dialect == "postgresql" else _CHOSEN
-    return list(conn.execute(q, {"b_ids": picked, "b_limit": free})), meta
+    rows = list(conn.execute(q, {"b_ids": picked, "b_limit": free, "b_now": now}))
+    return rows, meta, len(rows) < min(free, len(picked))
 
 
 def _pick_rollbacks(conn: Connection, counts: _Counts, free: int) -> list[Any]:
