@@ -281,3 +281,46 @@ def test_workflow_submit_help_names_the_formats_and_wait(tmp_path: Path) -> None
     assert helped.returncode == 0, show(helped)
     for text in (".ncl", ".json", ".yaml", "--wait", "--idempotency-key"):
         assert text in helped.stdout, show(helped)
+
+
+def test_mfa_enroll_shows_the_secret_then_confirms_the_code_typed_in(tmp_path: Path) -> None:
+    import pyotp
+
+    home = tmp_path / "home"
+    with running_platform(home):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRVNG_")}
+        env.update(XDG_CONFIG_HOME=str(tmp_path / "config-home"), PYTHONUNBUFFERED="1")
+        argv = [sys.executable, "-m", "provisioning.cli.main", "--data-dir", str(home)]
+        proc = subprocess.Popen(
+            [*argv, "mfa", "enroll"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            shown: dict[str, str] = {}
+            for _ in range(10):  # the secret and its URI are printed before the prompt
+                words = proc.stdout.readline().split()
+                if words[:1] in (["secret"], ["uri"]):
+                    shown[words[0]] = words[-1]
+                if "uri" in shown:
+                    break
+            assert shown.get("secret") and shown["uri"].startswith("otpauth://totp/"), shown
+            secret = shown["secret"]
+            proc.stdin.write(pyotp.TOTP(secret).now() + "\n")
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        assert proc.returncode == 0, (shown, out, err)
+        assert "MFA enabled" in out, (shown, out, err)
+        # The login that enrolled goes on (until it is renewed with a code).
+        who = prvng("--output", "json", "whoami", data_dir=home)
+        assert who.returncode == 0, show(who)
+        assert json.loads(who.stdout)["username"] == "admin"
