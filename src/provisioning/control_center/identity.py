@@ -245,17 +245,25 @@ def revoke_family(conn: Connection, family_id: str, now: datetime) -> int:
 
 def revoke_other_families(
     conn: Connection, user_id: str, keep: str | None, now: datetime
-) -> list[str]:
-    """End every login of the user but ``keep`` (a family id); the families ended."""
-    q = select(refresh_tokens.c.family_id).where(
+) -> tuple[list[str], int]:
+    """End every login of the user but ``keep`` (a family id): the families ended, and how
+    many of them could still have been renewed (a login whose refresh token had expired
+    anyway is ended too, not counted)."""
+    q = select(refresh_tokens.c.family_id, refresh_tokens.c.expires_at).where(
         refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None)
     )
     if keep is not None:
         q = q.where(refresh_tokens.c.family_id != keep)
-    families = sorted({r.family_id for r in conn.execute(q)})
-    for family_id in families:
+    live: set[str] = set()
+    every: set[str] = set()
+    for r in conn.execute(q):
+        every.add(r.family_id)
+        expires = as_utc(r.expires_at)
+        if expires is not None and expires > now:
+            live.add(r.family_id)
+    for family_id in sorted(every):
         revoke_family(conn, family_id, now)
-    return families
+    return sorted(every), len(live)
 
 
 def family_revoked(conn: Connection, family_id: str) -> bool:

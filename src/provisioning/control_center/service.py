@@ -391,14 +391,14 @@ class IdentityService:
             identity.update_user(conn, ident.subject, now, mfa_secret=secret, mfa_last_step=step)
             # Logins made without MFA end (a stolen password's session among them), except
             # the one that just proved the code.
-            ended = identity.revoke_other_families(conn, ident.subject, ident.session, now)
+            ended, live = identity.revoke_other_families(conn, ident.subject, ident.session, now)
             audit_log.append(
                 conn,
                 actor.event(
                     "auth:mfa_enroll",
                     object_type="User",
                     object_id=ident.subject,
-                    details={"other_logins_ended": len(ended)},
+                    details={"other_logins_ended": live},
                 ),
             )
             return ended
