@@ -147,3 +147,24 @@ async def test_only_the_login_that_started_an_enrolment_can_see_or_confirm_it(
         assert "same login" in refused.json()["error"]["message"]
         confirmed = await c.post("/auth/mfa/confirm", headers=mine, json={"code": code})
         assert confirmed.status_code == 200, confirmed.text
+
+
+async def test_an_enrolment_left_waiting_too_long_must_be_started_again(
+    cc: ControlCenterService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioning.control_center import service
+
+    async with _client(cc) as c:
+        token = (await _login(c, "admin", ADMIN_PW)).json()["data"]["access_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        secret = (await c.post("/auth/mfa/enroll", headers=auth)).json()["data"]["secret"]
+        monkeypatch.setattr(service, "_MFA_PENDING_S", -1.0)  # every enrolment is too old now
+        late = await c.post(
+            "/auth/mfa/confirm", headers=auth, json={"code": pyotp.TOTP(secret).now()}
+        )
+        assert late.status_code == 409, late.text
+        assert "no enrolment of this login is waiting" in late.json()["error"]["message"]
+        monkeypatch.setattr(service, "_MFA_PENDING_S", 900.0)
+        again = (await c.post("/auth/mfa/enroll", headers=auth)).json()["data"]["secret"]
+        ok = await c.post("/auth/mfa/confirm", headers=auth, json={"code": pyotp.TOTP(again).now()})
+        assert ok.status_code == 200, ok.text

@@ -47,6 +47,7 @@ __all__ = ["Actor", "IdentityService"]
 log = get_logger("control_center")
 T = TypeVar("T")
 _BAD_LOGIN = "invalid username or password"
+_MFA_PENDING_S = 900.0  # how long a started MFA enrolment waits for its code
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ class IdentityService:
         self._states: dict[str, tuple[float, bool, float]] = {}
         # login (refresh family) -> (fetched at, ended): logout reaches its access tokens too
         self._sessions: dict[str, tuple[float, bool]] = {}
-        # (user id, login) -> secret awaiting confirmation: only the login that started an
-        # enrolment sees its secret again or confirms it.
-        self._pending_mfa: dict[tuple[str, str | None], str] = {}
+        # (user id, login) -> (started at, secret) awaiting confirmation: only the login that
+        # started an enrolment sees its secret again or confirms it, within _MFA_PENDING_S.
+        self._pending_mfa: dict[tuple[str, str | None], tuple[float, str]] = {}
 
     async def migrate(self) -> None:
         await upgrade(
@@ -356,7 +357,10 @@ class IdentityService:
         if user.mfa_secret:
             raise InvalidState("MFA is already enabled for this user")
         secret = mfa.new_secret()
-        self._pending_mfa[(ident.subject, ident.session)] = secret
+        now = time.monotonic()
+        for key in [k for k, (at, _) in self._pending_mfa.items() if now - at > _MFA_PENDING_S]:
+            del self._pending_mfa[key]  # abandoned enrolments: memory stays bounded
+        self._pending_mfa[(ident.subject, ident.session)] = (now, secret)
         await self.audit(
             actor.event(
                 "auth:mfa_enroll",
@@ -371,17 +375,26 @@ class IdentityService:
         """The caller's enrolment awaiting confirmation (``{secret, uri}``, as
         :meth:`mfa_enroll` answered it), or None: the web UI shows it again next to a wrong
         code, to the same user only."""
-        secret = self._pending_mfa.get((ident.subject, ident.session))
+        secret = self._mfa_pending_secret(ident)
         if secret is None or ident.kind == "apikey":
             return None
         return {"secret": secret, "uri": mfa.provisioning_uri(secret, ident.username)}
 
+    def _mfa_pending_secret(self, ident: Identity) -> str | None:
+        entry = self._pending_mfa.get((ident.subject, ident.session))
+        if entry is None or time.monotonic() - entry[0] > _MFA_PENDING_S:
+            return None
+        return entry[1]
+
     async def mfa_confirm(self, ident: Identity, code: str, actor: Actor) -> None:
         if ident.kind == "apikey":
             raise Forbidden("MFA is enrolled by the user logged in, not with an API key")
-        secret = self._pending_mfa.get((ident.subject, ident.session))
+        secret = self._mfa_pending_secret(ident)
         if secret is None:
-            raise InvalidState("start with POST /auth/mfa/enroll (in this same login)")
+            raise InvalidState(
+                "no enrolment of this login is waiting: start with POST /auth/mfa/enroll "
+                f"(in this same login; it waits {_MFA_PENDING_S // 60:g} minutes)"
+            )
         step = mfa.verify_totp(secret, code, last_used_step=None)
         if step is None:
             raise ValidationError("MFA code is not valid", field="code")
