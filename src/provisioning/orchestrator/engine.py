@@ -93,10 +93,17 @@ class Engine:
             asyncio.create_task(self._schedule_loop(), name="orchestrator-scheduler"),
             asyncio.create_task(self._lease_loop(), name="orchestrator-leases"),
         ]
+        if self.store.notifies:  # other workers say when work is ready (PostgreSQL)
+            self._loops.append(
+                asyncio.create_task(
+                    self.store.listen_for_work(self._heard_of_work), name="orchestrator-listen"
+                )
+            )
         log.info("engine started", extra={"worker": self.worker_id})
 
     def loops(self) -> list[asyncio.Task[None]]:
-        """The scheduler and lease loops while started (each runs until :meth:`stop`)."""
+        """The scheduler, lease (and, on PostgreSQL, notification) loops while started (each
+        runs until :meth:`stop`)."""
         return list(self._loops)
 
     async def stop(self, *, kill_running: bool = False) -> None:
@@ -171,6 +178,12 @@ class Engine:
     def wake(self) -> None:
         """Make the scheduler look for work now."""
         self._wake.set()
+
+    def _heard_of_work(self) -> None:
+        # Another worker has ready tasks it cannot take (or a workflow was submitted there):
+        # look now rather than at the next poll, unless every slot here is busy anyway.
+        if len(self._running) < self.settings.max_parallel:
+            self._wake.set()
 
     # ------------------------------------------------------------------ log following
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import insert
 from sqlalchemy.engine import Connection
@@ -25,12 +25,19 @@ from sqlalchemy.exc import IntegrityError
 
 from provisioning.core.clock import utcnow
 from provisioning.core.store import Database, upgrade
+from provisioning.core.store.postgres import PostgresDatabase
 from provisioning.orchestrator import queries, transitions
 from provisioning.orchestrator.api import TaskStatus, WorkflowSpec, WorkflowStatus
 from provisioning.orchestrator.tables import task_deps, tasks, workflows
 from provisioning.orchestrator.transitions import Claim, Limits, Result, backoff_delay
 
-__all__ = ["Claim", "Limits", "Result", "WorkflowStore", "backoff_delay"]
+__all__ = ["WORK_CHANNEL", "Claim", "Limits", "Result", "WorkflowStore", "backoff_delay"]
+
+# PostgreSQL NOTIFY channel on which workers tell each other that tasks are ready: a workflow
+# submitted, resumed, retried or rolled back, or a turn that left ready tasks for want of free
+# slots. The payload is the sender's ``WorkflowStore.instance`` (a worker ignores its own).
+WORK_CHANNEL = "prvng_orchestrator_work"
+T = TypeVar("T")
 
 TS = TaskStatus
 WS = WorkflowStatus
@@ -43,6 +50,36 @@ class WorkflowStore:
     def __init__(self, db: Database, *, rng: random.Random | None = None) -> None:
         self.db = db
         self.rng = rng or random.Random()
+        self.instance = uuid.uuid4().hex  # names this store's notifications (WORK_CHANNEL)
+
+    @property
+    def notifies(self) -> bool:
+        """Whether workers tell each other about ready work (PostgreSQL) or only poll."""
+        return isinstance(self.db, PostgresDatabase)
+
+    def _noticed(self, fn: Callable[[Connection], T]) -> Callable[[Connection], T]:
+        """``fn``, and on PostgreSQL a notification to the other workers committed with it."""
+        if not self.notifies:
+            return fn
+
+        def body(conn: Connection) -> T:
+            out = fn(conn)
+            _notify_work(conn, self.instance)
+            return out
+
+        return body
+
+    async def listen_for_work(self, on_work: Callable[[], None]) -> None:
+        """Call ``on_work`` whenever another worker says tasks are ready, until cancelled
+        (PostgreSQL only: see :attr:`notifies`)."""
+        assert isinstance(self.db, PostgresDatabase)
+        me = self.instance
+
+        def heard(sender: str) -> None:
+            if sender != me:
+                on_work()
+
+        await self.db.listen(WORK_CHANNEL, heard)
 
     async def migrate(self) -> None:
         """Create or upgrade the orchestrator's tables."""
@@ -62,7 +99,8 @@ class WorkflowStore:
             if existing:
                 return existing, False
         try:
-            return await self.db.run_write(partial(_insert_workflow, spec, topo, owner)), True
+            insert_it = self._noticed(partial(_insert_workflow, spec, topo, owner))
+            return await self.db.run_write(insert_it), True
         except IntegrityError:
             # Another submission with the same idempotency key won the race.
             if spec.idempotency_key:
@@ -200,7 +238,12 @@ class WorkflowStore:
 
         def body(conn: Connection) -> tuple[list[Claim], datetime | None]:
             transitions.finish(conn, results, worker, pids, now, self.rng)
-            return transitions.claim(conn, dialect, worker, limits, lease_s, log_dir, now)
+            claims, next_at, left_over = transitions.claim(
+                conn, dialect, worker, limits, lease_s, log_dir, now
+            )
+            if left_over and self.notifies:
+                _notify_work(conn, self.instance)
+            return claims, next_at
 
         return await self.db.run_write(body)
 
@@ -286,17 +329,16 @@ class WorkflowStore:
         await self._flip(wf_id, (WS.PAUSED.value,), WS.RUNNING.value, "resumed")
 
     async def _flip(self, wf_id: str, allowed: tuple[str, ...], to: str, verb: str) -> None:
-        await self.db.run_write(
-            partial(
-                transitions.flip,
-                dialect=self.db.dialect,
-                wf_id=wf_id,
-                allowed=allowed,
-                to=to,
-                verb=verb,
-                now=utcnow(),
-            )
+        flip = partial(
+            transitions.flip,
+            dialect=self.db.dialect,
+            wf_id=wf_id,
+            allowed=allowed,
+            to=to,
+            verb=verb,
+            now=utcnow(),
         )
+        await self.db.run_write(self._noticed(flip) if to == WS.RUNNING.value else flip)
 
     async def retry(self, wf_id: str) -> int:
         """Re-run a Failed or Cancelled workflow from the point of failure; return how many
@@ -306,7 +348,9 @@ class WorkflowStore:
             InvalidState: the workflow is not Failed or Cancelled, or was rolled back.
         """
         return await self.db.run_write(
-            partial(transitions.retry, dialect=self.db.dialect, wf_id=wf_id, now=utcnow())
+            self._noticed(
+                partial(transitions.retry, dialect=self.db.dialect, wf_id=wf_id, now=utcnow())
+            )
         )
 
     async def rollback(self, wf_id: str) -> None:
@@ -316,8 +360,14 @@ class WorkflowStore:
             InvalidState: the workflow is already rolling back or rolled back.
         """
         await self.db.run_write(
-            partial(transitions.rollback, dialect=self.db.dialect, wf_id=wf_id, now=utcnow())
+            self._noticed(
+                partial(transitions.rollback, dialect=self.db.dialect, wf_id=wf_id, now=utcnow())
+            )
         )
+
+
+def _notify_work(conn: Connection, sender: str) -> None:
+    conn.execute(transitions.NOTIFY_WORK, {"channel": WORK_CHANNEL, "sender": sender})
 
 
 def _insert_workflow(

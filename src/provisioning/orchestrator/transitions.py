@@ -167,6 +167,9 @@ _NEXT_AT = (
 )
 _ROLLING = exists().where(_rolling.c.status == WS.ROLLING_BACK.value, _rolling.c.draining.is_(None))
 _META = select(_NEXT_AT.label("next_at"), _ROLLING.label("rolling"))
+# Tells the other workers on PostgreSQL that work is ready (store.WORK_CHANNEL); sent in a
+# transaction, it is delivered when that commits, and not at all when it rolls back.
+NOTIFY_WORK = text("SELECT pg_notify(:channel, :sender)")
 
 # Candidates: only what picking within the limits needs, unlocked. Reading (and, on
 # PostgreSQL, locking) the 64+ candidate rows whole, with their JSON, cost more than the rest
@@ -276,14 +279,15 @@ def claim(
     lease_s: float,
     log_dir: Path,
     now: datetime,
-) -> tuple[list[Claim], datetime | None]:
-    """Claim ready tasks (and due rollbacks) within the limits; return them and, when slots
-    remain free, the earliest future ``ready_at`` (when to look again)."""
+) -> tuple[list[Claim], datetime | None, bool]:
+    """Claim ready tasks (and due rollbacks) within the limits; return them, when slots
+    remain free the earliest future ``ready_at`` (when to look again), and whether ready
+    tasks were left over for want of free slots."""
     free = limits.free_slots
     if free <= 0:
-        return [], None
+        return [], None, False
     counts = _Counts(conn, dialect)
-    chosen, meta, taken = _pick_ready(conn, dialect, now, free, counts, limits)
+    chosen, meta, taken, seen = _pick_ready(conn, dialect, now, free, counts, limits)
     if meta is None:  # nothing ready: the same facts from a query of their own
         meta = conn.execute(_META, {"b_now": now}).one()
     claims = _start(conn, chosen, "run", worker, now, lease_s, log_dir)
@@ -293,12 +297,13 @@ def claim(
         claims += _start(conn, chosen, "rollback", worker, now, lease_s, log_dir)
         free -= len(chosen)
     if free <= 0:
-        return claims, None
+        # Full, and ready tasks left over: worth telling other workers (see store.turn).
+        return claims, None, seen > len(claims)
     next_at = as_utc(meta.next_at)
     if taken:  # other workers took picks of this turn: more may be ready, look again soon
         soon = now + timedelta(seconds=_LOOK_AGAIN_S)
         next_at = soon if next_at is None else min(next_at, soon)
-    return claims, next_at
+    return claims, next_at, False
 
 
 def _pick_ready(
@@ -308,10 +313,11 @@ def _pick_ready(
     free: int,
     counts: _Counts,
     limits: Limits,
-) -> tuple[list[Any], Any, bool]:
+) -> tuple[list[Any], Any, bool, int]:
     """The ready tasks to start now, in priority order, whole and (PostgreSQL) locked; the
-    first candidate row, which carries ``next_at`` and ``rolling`` (None: no candidate); and
-    whether picks were missed because another transaction holds or took them.
+    first candidate row, which carries ``next_at`` and ``rolling`` (None: no candidate);
+    whether picks were missed because another transaction holds or took them; and how many
+    candidates were read.
 
     Up to twice ``free`` candidates the limits allow are offered to ``_CHOSEN``, which starts
     the first ``free`` of them nobody else holds: another worker reading the same candidates
@@ -319,7 +325,9 @@ def _pick_ready(
     """
     picked: list[str] = []
     meta = None
+    seen = 0
     for row in conn.execute(_READY, {"b_now": now, "b_limit": max(64, free * 8)}):
+        seen += 1
         if meta is None:
             meta = row
             if row.rolling:
@@ -343,10 +351,10 @@ def _pick_ready(
         per_wf[row.workflow_id] = per_wf.get(row.workflow_id, 0) + 1
         picked.append(row.id)
     if not picked:
-        return [], meta, False
+        return [], meta, False, seen
     q = _CHOSEN_PG if dialect == "postgresql" else _CHOSEN
     rows = list(conn.execute(q, {"b_ids": picked, "b_limit": free, "b_now": now}))
-    return rows, meta, len(rows) < min(free, len(picked))
+    return rows, meta, len(rows) < min(free, len(picked)), seen
 
 
 def _pick_rollbacks(conn: Connection, counts: _Counts, free: int) -> list[Any]:

@@ -8,15 +8,21 @@ transaction-scoped advisory locks.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from provisioning.core.logging import get_logger
 
 __all__ = ["PostgresDatabase"]
 
 T = TypeVar("T")
+log = get_logger("store.postgres")
+_LISTEN_CHECK_S = 30.0  # a listening connection is checked this often
 
 
 class PostgresDatabase:
@@ -40,3 +46,54 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    async def listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
+        """Call ``on_payload`` with the payload of each ``NOTIFY`` on ``channel``, until
+        cancelled (it never returns otherwise).
+
+        LISTEN holds a connection of its own, outside the pool. Lost or unreachable, it is
+        opened again after 0.5, 1, 2, 4, then every 5 s; a quiet one is checked every 30 s.
+        Notifications sent while it was away are lost: a listener must also poll.
+        """
+        import asyncpg
+
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        delay, failures = 0.5, 0
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    dsn, timeout=5, server_settings={"application_name": f"prvng-listen {channel}"}
+                )
+            except Exception as exc:  # down, refused, auth, DNS: keep trying, bounded pace
+                failures += 1
+                if failures == 1 or failures % 30 == 0:
+                    log.warning(
+                        "cannot listen for notifications; retrying",
+                        extra={"channel": channel, "error": str(exc), "failures": failures},
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay, failures = 0.5, 0
+            lost = asyncio.Event()
+
+            def deliver(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+                on_payload(payload)
+
+            try:
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(channel, deliver)
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), _LISTEN_CHECK_S)
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1", timeout=5)
+            except Exception as exc:  # the connection broke: open another
+                log.warning(
+                    "lost the notification connection; reconnecting",
+                    extra={"channel": channel, "error": str(exc)},
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
+            await asyncio.sleep(0.5)  # a connection ended at once again and again: no spin
