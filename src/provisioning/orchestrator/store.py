@@ -12,6 +12,7 @@ breaking limits.
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -37,6 +38,7 @@ __all__ = ["WORK_CHANNEL", "Claim", "Limits", "Result", "WorkflowStore", "backof
 # submitted, resumed, retried or rolled back, or a turn that left ready tasks for want of free
 # slots. The payload is the sender's ``WorkflowStore.instance`` (a worker ignores its own).
 WORK_CHANNEL = "prvng_orchestrator_work"
+_LEFT_OVER_NOTICE_S = 0.1
 T = TypeVar("T")
 
 TS = TaskStatus
@@ -51,6 +53,7 @@ class WorkflowStore:
         self.db = db
         self.rng = rng or random.Random()
         self.instance = uuid.uuid4().hex  # names this store's notifications (WORK_CHANNEL)
+        self._left_over_noticed = float("-inf")
 
     @property
     def notifies(self) -> bool:
@@ -242,7 +245,12 @@ class WorkflowStore:
                 conn, dialect, worker, limits, lease_s, log_dir, now
             )
             if left_over and self.notifies:
-                _notify_work(conn, self.instance)
+                # At most every _LEFT_OVER_NOTICE_S: each notice costs every listening worker
+                # a turn, and a busy worker leaves tasks over on most of its turns.
+                at = time.monotonic()
+                if at - self._left_over_noticed >= _LEFT_OVER_NOTICE_S:
+                    self._left_over_noticed = at
+                    _notify_work(conn, self.instance)
             return claims, next_at
 
         return await self.db.run_write(body)
