@@ -287,18 +287,19 @@ def claim(
     if free <= 0:
         return [], None, False
     counts = _Counts(conn, dialect)
-    chosen, meta, taken, seen = _pick_ready(conn, dialect, now, free, counts, limits)
+    chosen, meta, taken, picked = _pick_ready(conn, dialect, now, free, counts, limits)
     if meta is None:  # nothing ready: the same facts from a query of their own
         meta = conn.execute(_META, {"b_now": now}).one()
     claims = _start(conn, chosen, "run", worker, now, lease_s, log_dir)
+    chosen_run = chosen
     free -= len(chosen)
     if free > 0 and meta.rolling:
         chosen = _pick_rollbacks(conn, counts, free)
         claims += _start(conn, chosen, "rollback", worker, now, lease_s, log_dir)
         free -= len(chosen)
     if free <= 0:
-        # Full, and ready tasks left over: worth telling other workers (see store.turn).
-        return claims, None, seen > len(claims)
+        # Full, and tasks the limits allow left over: worth telling other workers (store.turn).
+        return claims, None, picked > len(chosen_run)
     next_at = as_utc(meta.next_at)
     if taken:  # other workers took picks of this turn: more may be ready, look again soon
         soon = now + timedelta(seconds=_LOOK_AGAIN_S)
@@ -317,7 +318,7 @@ def _pick_ready(
     """The ready tasks to start now, in priority order, whole and (PostgreSQL) locked; the
     first candidate row, which carries ``next_at`` and ``rolling`` (None: no candidate);
     whether picks were missed because another transaction holds or took them; and how many
-    candidates were read.
+    candidates were picked (those the limits allow: another worker could start them too).
 
     Up to twice ``free`` candidates the limits allow are offered to ``_CHOSEN``, which starts
     the first ``free`` of them nobody else holds: another worker reading the same candidates
@@ -325,9 +326,7 @@ def _pick_ready(
     """
     picked: list[str] = []
     meta = None
-    seen = 0
     for row in conn.execute(_READY, {"b_now": now, "b_limit": max(64, free * 8)}):
-        seen += 1
         if meta is None:
             meta = row
             if row.rolling:
@@ -351,10 +350,10 @@ def _pick_ready(
         per_wf[row.workflow_id] = per_wf.get(row.workflow_id, 0) + 1
         picked.append(row.id)
     if not picked:
-        return [], meta, False, seen
+        return [], meta, False, 0
     q = _CHOSEN_PG if dialect == "postgresql" else _CHOSEN
     rows = list(conn.execute(q, {"b_ids": picked, "b_limit": free, "b_now": now}))
-    return rows, meta, len(rows) < min(free, len(picked)), seen
+    return rows, meta, len(rows) < min(free, len(picked)), len(picked)
 
 
 def _pick_rollbacks(conn: Connection, counts: _Counts, free: int) -> list[Any]:

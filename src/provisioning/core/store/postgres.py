@@ -57,43 +57,50 @@ class PostgresDatabase:
         """
         import asyncpg
 
-        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        url = make_url(self.url)
+        # The URL's query holds the engine's connect arguments, not server settings: asyncpg
+        # would send those it does not know to the server, which refuses them.
+        query = dict(url.query)
+        ssl = query.get("ssl") or query.get("sslmode")
+        extra: dict[str, Any] = {"ssl": ssl} if isinstance(ssl, str) else {}
+        dsn = url.set(drivername="postgresql", query={}).render_as_string(hide_password=False)
         delay, failures = 0.5, 0
         while True:
+            conn = None
             try:
                 conn = await asyncpg.connect(
-                    dsn, timeout=5, server_settings={"application_name": f"prvng-listen {channel}"}
+                    dsn,
+                    timeout=5,
+                    server_settings={"application_name": f"prvng-listen {channel}"},
+                    **extra,
                 )
-            except Exception as exc:  # down, refused, auth, DNS: keep trying, bounded pace
+                lost = asyncio.Event()
+
+                def deliver(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+                    on_payload(payload)
+
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(channel, deliver)
+                delay, failures = 0.5, 0  # listening
+                while not lost.is_set():
+                    # asyncio.wait, not wait_for: a cancel is never swallowed here.
+                    waiter = asyncio.ensure_future(lost.wait())
+                    try:
+                        await asyncio.wait({waiter}, timeout=_LISTEN_CHECK_S)
+                    finally:
+                        waiter.cancel()
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1", timeout=5)
+            except Exception as exc:  # down, refused, in recovery, connection broke: again
                 failures += 1
                 if failures == 1 or failures % 30 == 0:
                     log.warning(
                         "cannot listen for notifications; retrying",
                         extra={"channel": channel, "error": str(exc), "failures": failures},
                     )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            delay, failures = 0.5, 0
-            lost = asyncio.Event()
-
-            def deliver(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-                on_payload(payload)
-
-            try:
-                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(channel, deliver)
-                while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), _LISTEN_CHECK_S)
-                    if not lost.is_set():
-                        await conn.execute("SELECT 1", timeout=5)
-            except Exception as exc:  # the connection broke: open another
-                log.warning(
-                    "lost the notification connection; reconnecting",
-                    extra={"channel": channel, "error": str(exc)},
-                )
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 5)
-            await asyncio.sleep(0.5)  # a connection ended at once again and again: no spin
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 5)
+            await asyncio.sleep(delay)  # never a spin, whatever keeps failing
+            delay = min(delay * 2, 5.0)
