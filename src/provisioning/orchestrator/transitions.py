@@ -171,6 +171,16 @@ _META = select(_NEXT_AT.label("next_at"), _ROLLING.label("rolling"))
 # transaction, it is delivered when that commits, and not at all when it rolls back.
 NOTIFY_WORK = text("SELECT pg_notify(:channel, :sender)")
 
+# A task due to start now (its workflow running and not draining), and the claim order:
+# priority, then FIFO by when it became ready, then submission order.
+_DUE = (
+    tasks.c.status == TS.READY.value,
+    tasks.c.ready_at <= bindparam("b_now"),
+    or_(workflows.c.status == WS.PENDING.value, workflows.c.status == WS.RUNNING.value),
+    workflows.c.draining.is_(None),
+)
+_CLAIM_ORDER = (tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
+
 # Candidates: only what picking within the limits needs, unlocked. Reading (and, on
 # PostgreSQL, locking) the 64+ candidate rows whole, with their JSON, cost more than the rest
 # of a claim; now only the chosen few are read whole and locked, by _CHOSEN.
@@ -184,13 +194,8 @@ _READY = (
         _ROLLING.label("rolling"),
     )
     .join(workflows, workflows.c.id == tasks.c.workflow_id)
-    .where(
-        tasks.c.status == TS.READY.value,
-        tasks.c.ready_at <= bindparam("b_now"),
-        or_(workflows.c.status == WS.PENDING.value, workflows.c.status == WS.RUNNING.value),
-        workflows.c.draining.is_(None),
-    )
-    .order_by(tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
+    .where(*_DUE)
+    .order_by(*_CLAIM_ORDER)
     .limit(bindparam("b_limit", type_=Integer))
 )
 # Of the picked candidates, the first ``b_limit`` still ready, whole. The conditions are
@@ -202,15 +207,10 @@ _READY = (
 _CHOSEN = (
     select(*_CLAIM_COLS)
     .join(workflows, workflows.c.id == tasks.c.workflow_id)
-    .where(
-        tasks.c.id.in_(bindparam("b_ids", expanding=True)),
-        tasks.c.status == TS.READY.value,
-        # A pick that failed meanwhile and waits out its retry delay is not due.
-        tasks.c.ready_at <= bindparam("b_now"),
-        or_(workflows.c.status == WS.PENDING.value, workflows.c.status == WS.RUNNING.value),
-        workflows.c.draining.is_(None),
-    )
-    .order_by(tasks.c.priority.desc(), tasks.c.ready_at, tasks.c.ord)
+    # Due again, checked on the current row: a pick that failed meanwhile and waits out its
+    # retry delay, or whose workflow was paused or cancelled, is not.
+    .where(tasks.c.id.in_(bindparam("b_ids", expanding=True)), *_DUE)
+    .order_by(*_CLAIM_ORDER)
     .limit(bindparam("b_limit", type_=Integer))
 )
 _CHOSEN_PG = _CHOSEN.with_for_update(of=tasks, skip_locked=True)
